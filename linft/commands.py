@@ -22,9 +22,5 @@ def register_all(sub) -> None:
     p.add_argument("--weights-file", default=None, help="a local checkpoint to load instead of the registry's")
     p.set_defaults(func=_inspect)
     demo.register(sub)
-    try:
-        from linft.data import commands as data_commands
-    except ImportError:  # data layer not present yet
-        data_commands = None
-    if data_commands is not None:
-        data_commands.register(sub)
+    from linft.data import commands as data_commands
+    data_commands.register(sub)
