@@ -22,5 +22,7 @@ def register_all(sub) -> None:
     p.add_argument("--weights-file", default=None, help="a local checkpoint to load instead of the registry's")
     p.set_defaults(func=_inspect)
     demo.register(sub)
+    from linft import train_cli
+    train_cli.register(sub)
     from linft.data import commands as data_commands
     data_commands.register(sub)

@@ -115,3 +115,18 @@ def test_start_step_continues_the_same_stream():
         batches = [next(full) for _ in range(7)]
         resumed = iter(InfiniteBatchSampler(range(10), 4, seed=3, replacement=replacement, start=5))
         assert [next(resumed), next(resumed)] == batches[5:7]
+
+
+def test_loaders_leave_the_global_rng_alone():
+    """Creating or draining a loader iterator must not move torch's global RNG (dropout masks):
+    otherwise a resumed run draws other masks than an uninterrupted one."""
+    import torch
+    from linft.data.environments import TensorEnvironment
+    from linft.data.loaders import InfiniteLoader
+    env = TensorEnvironment("e", torch.zeros(6, 1, 2, 2, dtype=torch.uint8), [0, 1, 0, 1, 0, 1])
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    it = iter(InfiniteLoader(env, range(6), batch_size=2, seed=1))
+    next(it)
+    assert torch.equal(torch.rand(3), expected)

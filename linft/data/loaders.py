@@ -100,8 +100,10 @@ class InfiniteLoader:
                  num_workers: int = 0, replacement: bool = True, start: int = 0):
         self.env_name = env.name
         self.sampler = InfiniteBatchSampler(indices, batch_size, seed, replacement, start)
+        # Own generator: creating an iterator must not draw from torch's global RNG (dropout masks).
         self.loader = DataLoader(EnvDataset(env, transform), batch_sampler=self.sampler,
-                                 num_workers=num_workers, persistent_workers=False)
+                                 num_workers=num_workers, persistent_workers=False,
+                                 generator=torch.Generator().manual_seed(seed))
 
     def __iter__(self):
         return iter(self.loader)
@@ -120,10 +122,11 @@ def train_loaders(data, splits: list[EnvSplit], transform=None, *, batch_size: i
     """One :class:`InfiniteLoader` per training split's ``in`` indices, in environment order.
 
     ``data``: a MultiDomainDataset, or a dict ``env name -> Environment`` (e.g. cached features,
-    for which ``transform`` must be None). Each domain's stream is seeded by (seed, env name).
+    for which ``transform`` must be None). Each domain's stream is seeded by (seed, env name);
+    ``start_step`` skips that many batches, so a resumed run continues the same stream.
     """
     return [InfiniteLoader(_env_by_name(data, s.env), s.in_idx, transform, batch_size,
-                           derive_seed("loader", seed, s.env), num_workers, replacement)
+                           derive_seed("loader", seed, s.env), num_workers, replacement, start_step)
             for s in splits if s.role == "train"]
 
 
@@ -138,7 +141,8 @@ def eval_loaders(data, splits: list[EnvSplit], transform=None, *, batch_size: in
             idx = s.indices(split)
             if len(idx):
                 out[(s.env, split)] = DataLoader(torch.utils.data.Subset(ds, idx.tolist()),
-                                                 batch_size=batch_size, shuffle=False, num_workers=num_workers)
+                                                 batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                                 generator=torch.Generator().manual_seed(0))
     return out
 
 

@@ -1,0 +1,57 @@
+"""The data side of one run: dataset, splits, the feature cache or transforms, loaders."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from linft.config import RunConfig
+from linft.data.datasets import get_dataset
+from linft.data.loaders import eval_loaders, train_loaders
+from linft.data.splits import derive_seed, make_splits
+from linft.data.transforms import transforms_for
+
+
+class RunData:
+    """``eval_loaders[(env, split)]`` (finite), ``train_batches(start)`` (endless, step-indexed)."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        options = {"limit": cfg.dataset_limit} if cfg.dataset_limit else {}
+        self.dataset = get_dataset(cfg.dataset, cfg.data_root or None, **options)
+        test_envs = list(cfg.test_envs) or [self.dataset.environments[0]]
+        self.splits = make_splits(self.dataset, test_envs, cfg.holdout, cfg.trial_seed, cfg.n_per_domain or None)
+        self.roles = {s.env: s.role for s in self.splits}
+        self.num_classes = self.dataset.num_classes
+        self.labels: dict = {}
+
+    def attach(self, pipe) -> None:
+        """Choose the inputs: cached trunk features (then ``pipe.pre`` becomes the identity) or images."""
+        cfg, spec = self.cfg, pipe.spec
+        res = cfg.resolution or spec.resolution
+        if cfg.feature_cache:
+            from linft.data.feature_cache import FeatureCache, cache_environments, module_hash
+            cache_dir = Path(cfg.cache_dir or Path(cfg.data_root or ".") / ".linft_cache").expanduser()
+            self.inputs = cache_environments(
+                FeatureCache(cache_dir, device=self.device), pipe.pre, self.dataset, backbone=spec.name,
+                weights=module_hash(pipe.pre), split=f"k={cfg.k}", resolution=res, mean=spec.mean, std=spec.std)
+            pipe.pre = torch.nn.Identity()
+            self.train_tf = self.eval_tf = None
+        else:
+            self.inputs = self.dataset
+            self.train_tf = transforms_for(spec, res, augment=cfg.augment)
+            self.eval_tf = transforms_for(spec, res, augment=False)
+        self.eval_loaders = eval_loaders(self.inputs, self.splits, self.eval_tf, batch_size=256,
+                                         num_workers=cfg.workers)
+
+    def train_batches(self, start: int, stream: str = "train") -> Iterator[list]:
+        """One list of ``(x, y)`` per step (one entry per training domain), starting at step ``start``.
+
+        Step ``t``'s examples depend only on (seed, stream, domain, t): resuming is exact."""
+        loaders = train_loaders(self.inputs, self.splits, self.train_tf, batch_size=self.cfg.batch_size,
+                                seed=derive_seed(stream, self.cfg.seed), num_workers=self.cfg.workers,
+                                start_step=start)
+        iters = [iter(loader) for loader in loaders]
+        while True:
+            yield [next(it) for it in iters]

@@ -1,0 +1,134 @@
+"""The fine-tuning engine on a tiny generated PACS-shaped tree (issue: Fine-tuning engine)."""
+import json
+import math
+
+import pytest
+import torch
+
+from linft.config import RunConfig
+from linft.data.synthetic import make_image_tree
+from linft.errors import ConfigError
+from linft.evaluate import TrajectoryAverage, TrajectoryEnsemble
+from linft.store import RunDir, load_checkpoint
+from linft.train import RunFailed, train
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_image_tree(root, "PACS", n_per_class=5, size=16)
+    return root
+
+
+def tiny(data_root, **kw):
+    base = dict(dataset="PACS", data_root=str(data_root), backbone="tiny_resnet", k=2, resolution=16,
+                steps=6, eval_every=3, traj_start=1, lr_decay_steps=(4,), batch_size=4, lr=0.05, quiet=True)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def rows_of(rd: RunDir, drop=("img_per_s",)):
+    return [r for r in rd.read_rows() if r.get("metric") not in drop]
+
+
+@pytest.mark.parametrize("mode", ["full", "scratch", "tail", "linear", "unfolded", "probe"])
+def test_every_mode_trains_and_records_rows(data_root, tmp_path, mode):
+    cfg = tiny(data_root, mode=mode, p=0.5, k=3 if mode == "unfolded" else 2)
+    rd = train(cfg, tmp_path)
+    assert rd.done and rd.final_path.exists()
+    rows = rd.read_rows()
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert {r["env"] for r in evals} == {"A", "C", "P", "S"}
+    assert {r["split"] for r in evals} == {"in", "out"}
+    assert {r["step"] for r in evals} == {0, 3, 6}
+    assert {r["model"] for r in evals} == {"current", "traj_avg", "traj_ens"}
+    assert {r["role"] for r in evals if r["env"] == "A"} == {"test"}
+    sel = [r for r in rows if r["kind"] == "select"]
+    assert {r["selection"] for r in sel} == {"train_val", "oracle"}
+    assert all(math.isfinite(r["value"]) for r in evals)
+    # the parameters moved
+    ck = load_checkpoint(rd.final_path)["trainable"]
+    assert ck
+
+
+def test_linear_mode_starts_at_the_network(data_root, tmp_path):
+    """At step 0 the linearized run and the tail run are the same function (same seed, same head)."""
+    lin = train(tiny(data_root, mode="linear", steps=1, eval_every=1), tmp_path)
+    tail = train(tiny(data_root, mode="tail", steps=1, eval_every=1), tmp_path)
+    a = {(r["env"], r["split"], r["metric"]): r["value"] for r in lin.read_rows() if r.get("step") == 0 and r["kind"] == "eval"}
+    b = {(r["env"], r["split"], r["metric"]): r["value"] for r in tail.read_rows() if r.get("step") == 0 and r["kind"] == "eval"}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == pytest.approx(b[k], abs=1e-5)
+
+
+def test_done_run_returns_at_once_and_ids_are_semantic(data_root, tmp_path):
+    cfg = tiny(data_root, mode="probe")
+    rd = train(cfg, tmp_path)
+    mtime = rd.rows_path.stat().st_mtime_ns
+    assert train(cfg.replace(quiet=False, workers=0, data_root=str(data_root) + "/"), tmp_path).path == rd.path
+    assert rd.rows_path.stat().st_mtime_ns == mtime
+    assert cfg.replace(p=0.9).run_id != cfg.run_id
+    assert RunConfig().run_id == RunConfig(device="cpu", data_root="/elsewhere", workers=4).run_id
+
+
+def test_cached_features_equal_on_the_fly(data_root, tmp_path):
+    a = train(tiny(data_root, mode="tail", augment=False), tmp_path / "a")
+    b = train(tiny(data_root, mode="tail", augment=False, feature_cache=True, cache_dir=str(tmp_path / "cache")),
+              tmp_path / "b")
+    wa, wb = load_checkpoint(a.final_path)["trainable"], load_checkpoint(b.final_path)["trainable"]
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+def test_divergence_marks_failed_and_keeps_rows(data_root, tmp_path):
+    cfg = tiny(data_root, mode="tail", lr=1e12, steps=30)
+    with pytest.raises(RunFailed, match="non-finite loss"):
+        train(cfg, tmp_path)
+    rd = RunDir(tmp_path, cfg)
+    assert "non-finite loss" in rd.failed and "at step" in rd.failed
+    assert any(r["kind"] == "eval" and r["step"] == 0 for r in rd.read_rows())
+    assert not rd.done
+
+
+def test_config_validation_and_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        RunConfig(p=1.0)
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        RunConfig(mode="lora")
+    with pytest.raises(ConfigError, match="exclude each other"):
+        RunConfig(mode="tail", feature_cache=True)
+    with pytest.raises(ConfigError, match="unknown config field"):
+        RunConfig.from_dict({"learning_rate": 1})
+    f = tmp_path / "c.toml"
+    f.write_text('mode = "linear"\np = 0.9\nlr_decay_steps = [100, 200]\n')
+    cfg = RunConfig.from_file(f)
+    assert cfg.mode == "linear" and cfg.lr_decay_steps == (100, 200)
+    from linft.cli import _build_parser
+    from linft.train_cli import config_from_args
+    args = _build_parser().parse_args(["train", "--config", str(f), "--p", "0.5", "--seed", "3"])
+    cfg = config_from_args(args)
+    assert (cfg.mode, cfg.p, cfg.seed) == ("linear", 0.5, 3)
+    assert RunConfig().steps == 10_000 and RunConfig().lr_decay_steps == (5_000,) and RunConfig().momentum == 0.9
+
+
+def test_trajectory_average_and_ensemble():
+    net = torch.nn.Linear(2, 2)
+    avg = TrajectoryAverage(start=1)
+    seen = []
+    for step in range(1, 5):
+        with torch.no_grad():
+            net.weight.add_(step)
+        avg.update(step, net)
+        if step > 1:
+            seen.append(net.weight.detach().clone())
+    assert torch.allclose(avg.params(net)["weight"], torch.stack(seen).mean(0))
+    ens = TrajectoryEnsemble(start=3)
+    assert not ens.add(0, {("A", "in"): torch.ones(2, 2)})
+    ens.add(3, {("A", "in"): torch.tensor([[1.0, 0.0]])})
+    ens.add(6, {("A", "in"): torch.tensor([[0.0, 3.0]])})
+    assert torch.equal(ens.logits(("A", "in")), torch.tensor([[0.5, 1.5]]))
+    state = ens.state_dict()
+    other = TrajectoryEnsemble(0)
+    other.load_state_dict(state)
+    assert torch.equal(other.logits(("A", "in")), ens.logits(("A", "in")))
