@@ -32,6 +32,7 @@ from torch.func import functional_call, jvp
 from torch.utils._pytree import tree_map
 
 from linft.core.surgery import batchnorm_modules, freeze_batchnorm
+from linft.core.tangent import onepass_terms
 from linft.errors import LinearizationError
 
 ENGINES = ("jvp", "onepass")
@@ -131,7 +132,6 @@ class LinearizedModule(nn.Module):
         if self.engine == "onepass":
             if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
                 raise LinearizationError("engine='onepass' takes one tensor input; use engine='jvp'")
-            from linft.core.tangent import onepass_terms  # not yet committed: the engine is in progress
             return onepass_terms(self._shell, args[0], self.theta0.as_dict(), self.delta())
         consts = self._constants()
         theta0 = self.theta0.as_dict()

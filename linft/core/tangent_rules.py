@@ -1,0 +1,314 @@
+"""Per-module rules of the one-pass (primal, tangent) engine (see :mod:`linft.core.tangent`).
+
+A rule is ``rule(m, prefix, x0, dx, ctx) -> (y0, dy)``:
+  - ``x0`` the primal input at theta0, or ``None`` when it is not computed (the primal cache
+    replays what the tangent needs instead); ``y0`` follows the same convention;
+  - ``dx`` the tangent input (a function of theta - theta0, differentiable), ``None`` for a zero tangent;
+  - ``ctx.param(m, prefix, name)`` -> ``(p0, dp)``: the parameter at theta0 and theta - theta0 (``None``
+    when the parameter is not linearized);
+  - ``ctx.need(live, fn, used)`` -> a primal tensor the tangent needs: ``fn()`` evaluated on live
+    primals, or the cached value when ``live`` is False. Every rule calls ``need`` in the same order
+    whatever the mode, so that recorded and replayed entries line up.
+Primal values are computed under ``torch.no_grad`` (they do not depend on theta).
+
+Modules are recognised by exact type (torch) or by class name and attributes (torchvision, timm),
+without importing torchvision or timm. Anything else falls back to ``torch.func.jvp``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, jvp
+
+from linft.core.heads import DropoutHead, pool
+from linft.errors import LinearizationError
+
+
+def _add(a, b):
+    """Sum of two tangents where ``None`` is zero."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _chan(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-channel vector [C] shaped to broadcast over [B, C, ...]."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _run(m: nn.Module, prefix: str, x0, dx, ctx):
+    return rule_for(m)(m, prefix, x0, dx, ctx)
+
+
+# ---- convolution / linear ------------------------------------------------------------------
+
+def _same_pad(x: torch.Tensor, m: nn.Conv2d) -> torch.Tensor:
+    """timm's TF 'SAME' padding (Conv2dSame), applied to primal and tangent alike (it is linear)."""
+    ih, iw = x.shape[-2:]
+    (kh, kw), (sh, sw), (dh, dw) = m.weight.shape[-2:], m.stride, m.dilation
+    ph = max((math.ceil(ih / sh) - 1) * sh + (kh - 1) * dh + 1 - ih, 0)
+    pw = max((math.ceil(iw / sw) - 1) * sw + (kw - 1) * dw + 1 - iw, 0)
+    return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]) if ph or pw else x
+
+
+def _conv(m: nn.Conv2d, prefix, x0, dx, ctx):
+    w0, dw = ctx.param(m, prefix, "weight")
+    b0, db = ctx.param(m, prefix, "bias")
+    same = type(m).__name__ == "Conv2dSame"
+    if same or m.padding_mode != "zeros":
+        pad = ((lambda t: _same_pad(t, m)) if same else
+               (lambda t: F.pad(t, m._reversed_padding_repeated_twice, mode=m.padding_mode)))
+        padding = 0
+    else:
+        pad, padding = (lambda t: t), m.padding
+
+    def conv(t, w, b=None):
+        return F.conv2d(pad(t), w, b, m.stride, padding, m.dilation, m.groups)
+
+    live = x0 is not None
+    h = ctx.need(live, lambda: x0, used=ctx.linearized(prefix + "weight"))
+    y0 = None
+    if live:
+        with torch.no_grad():
+            y0 = conv(x0, w0, b0)
+    dy = None if dx is None else conv(dx, w0)  # dh = 0 (a constant input) costs nothing
+    if dw is not None:
+        dy = _add(dy, conv(h, dw))
+    if db is not None:
+        dy = _add(dy, _chan(db, 4))
+    return y0, dy
+
+
+def _linear(m: nn.Linear, prefix, x0, dx, ctx):
+    w0, dw = ctx.param(m, prefix, "weight")
+    b0, db = ctx.param(m, prefix, "bias")
+    live = x0 is not None
+    h = ctx.need(live, lambda: x0, used=ctx.linearized(prefix + "weight"))
+    y0 = None
+    if live:
+        with torch.no_grad():
+            y0 = F.linear(x0, w0, b0)
+    dy = None if dx is None else F.linear(dx, w0)
+    if dw is not None:
+        dy = _add(dy, F.linear(h, dw))
+    if db is not None:
+        dy = _add(dy, db)
+    return y0, dy
+
+
+# ---- normalisation / activations -----------------------------------------------------------
+
+def _batchnorm(m: nn.modules.batchnorm._BatchNorm, prefix, x0, dx, ctx):
+    """Eval-mode BatchNorm with frozen running statistics: y = xhat * gamma + beta,
+    dy = dx * gamma0 / sqrt(var + eps) + dgamma * xhat + dbeta."""
+    if m.training or m.running_mean is None:
+        raise LinearizationError(f"BatchNorm {prefix or type(m).__name__!r} must be in eval mode with running "
+                                 "statistics (frozen BatchNorm) for the one-pass engine")
+    g0, dg = ctx.param(m, prefix, "weight") if m.affine else (None, None)
+    b0, db = ctx.param(m, prefix, "bias") if m.affine else (None, None)
+    invstd = torch.rsqrt(m.running_var + m.eps)
+    live = x0 is not None
+    y0 = xhat = None
+    if live:
+        with torch.no_grad():
+            xhat = (x0 - _chan(m.running_mean, x0.dim())) * _chan(invstd, x0.dim())
+            y0 = xhat if g0 is None else torch.addcmul(_chan(b0, x0.dim()), xhat, _chan(g0, x0.dim()))
+    xh = ctx.need(live, lambda: xhat, used=ctx.linearized(prefix + "weight") or ctx.linearized(prefix + "bias"))
+    dy = None
+    if dx is not None:
+        dy = dx * _chan(invstd if g0 is None else g0 * invstd, dx.dim())
+    if dg is not None:
+        dy = _add(dy, xh * _chan(dg, xh.dim()))
+    if db is not None:
+        dy = _chan(db, xh.dim()).expand_as(xh) if dy is None else dy + _chan(db, xh.dim())
+    return y0, dy
+
+
+def _masked(fwd, mask_of):
+    """An elementwise activation whose derivative is 0/1: dy = dx * mask(y0)."""
+    def rule(m, prefix, x0, dx, ctx):
+        live = x0 is not None
+        y0 = None
+        if live:
+            with torch.no_grad():
+                y0 = fwd(m, x0)
+        mask = ctx.need(live, lambda: mask_of(m, x0, y0), used=True)
+        return y0, (None if dx is None else dx * mask)
+    return rule
+
+
+_relu = _masked(lambda m, x: F.relu(x), lambda m, x, y: y > 0)
+_hardtanh = _masked(lambda m, x: F.hardtanh(x, m.min_val, m.max_val),
+                    lambda m, x, y: (x > m.min_val) & (x < m.max_val))
+
+
+def _dropout_mask(x0: torch.Tensor, p: float, training: bool):
+    """The scaled mask F.dropout(x, p, training) multiplies x by, drawn with F.dropout itself so that
+    the RNG is consumed exactly as in the reference (same shape, dtype and device)."""
+    if not training or p == 0:
+        return None
+    with torch.no_grad():
+        return F.dropout(torch.ones_like(x0), p, True)
+
+
+def _dropout(m, prefix, x0, dx, ctx, p=None):
+    """One mask shared by the primal and the tangent stream (inverted scaling)."""
+    p = m.p if p is None else p
+    x0 = ctx.need(x0 is not None, lambda: x0, used=True)
+    if ctx.recording:  # the cache records deterministic values only; no RNG is consumed
+        return x0, dx
+    noise = _dropout_mask(x0, p, m.training)
+    if noise is None:
+        return x0, dx
+    with torch.no_grad():
+        y0 = x0 * noise
+    return y0, (None if dx is None else dx * noise)
+
+
+def _linear_free(fn):
+    """A parameter-free module linear in its input: the same map acts on primal and tangent."""
+    def rule(m, prefix, x0, dx, ctx):
+        y0 = None
+        if x0 is not None:
+            with torch.no_grad():
+                y0 = fn(m, x0)
+        return y0, (None if dx is None else fn(m, dx))
+    return rule
+
+
+_apply = _linear_free(lambda m, t: m(t))
+
+# ---- containers and blocks -----------------------------------------------------------------
+
+
+def _sequential(m, prefix, x0, dx, ctx):
+    for name, child in m.named_children():
+        x0, dx = _run(child, f"{prefix}{name}.", x0, dx, ctx)
+    return x0, dx
+
+
+def _chain(names):
+    def run(m, prefix, x0, dx, ctx):
+        for n in names:
+            child = getattr(m, n, None)
+            if child is not None:
+                x0, dx = _run(child, f"{prefix}{n}.", x0, dx, ctx)
+        return x0, dx
+    return run
+
+
+def _residual_sum(a0, da, b0, db, relu=None, prefix="", ctx=None):
+    y0 = None
+    if a0 is not None and b0 is not None:
+        with torch.no_grad():
+            y0 = a0 + b0
+    dy = _add(da, db)
+    if relu is not None:
+        y0, dy = _run(relu, prefix, y0, dy, ctx)
+    return y0, dy
+
+
+def _resnet_block(names):
+    """torchvision BasicBlock / Bottleneck: relu(bn_k(conv_k(...relu(bn1(conv1(x)))...)) + shortcut)."""
+    def rule(m, prefix, x0, dx, ctx):
+        h0, dh = x0, dx
+        for i, (c, b) in enumerate(names):
+            h0, dh = _run(getattr(m, c), prefix + c + ".", h0, dh, ctx)
+            h0, dh = _run(getattr(m, b), prefix + b + ".", h0, dh, ctx)
+            if i < len(names) - 1:
+                h0, dh = _run(m.relu, prefix + "relu.", h0, dh, ctx)
+        s0, ds = x0, dx
+        if m.downsample is not None:
+            s0, ds = _run(m.downsample, prefix + "downsample.", x0, dx, ctx)
+        return _residual_sum(h0, dh, s0, ds, m.relu, prefix + "relu.", ctx)
+    return rule
+
+
+def _timm_block(names):
+    """timm InvertedResidual / DepthwiseSeparableConv: the chain, then drop_path(x) + x if has_skip."""
+    chain = _chain(names)
+
+    def rule(m, prefix, x0, dx, ctx):
+        h0, dh = chain(m, prefix, x0, dx, ctx)
+        if not m.has_skip:
+            return h0, dh
+        h0, dh = _run(m.drop_path, prefix + "drop_path.", h0, dh, ctx)
+        return _residual_sum(h0, dh, x0, dx)
+    return rule
+
+
+def _batchnorm_act(m, prefix, x0, dx, ctx):
+    """timm BatchNormAct2d: BatchNorm, then ``drop``, then ``act``."""
+    x0, dx = _batchnorm(m, prefix, x0, dx, ctx)
+    for n in ("drop", "act"):
+        if hasattr(m, n):
+            x0, dx = _run(getattr(m, n), f"{prefix}{n}.", x0, dx, ctx)
+    return x0, dx
+
+
+def _dropout_head(m: DropoutHead, prefix, x0, dx, ctx):
+    """pool -> dropout(p) -> fc; linear in the tail's output and first order in (W, b)."""
+    y0, dy = _linear_free(lambda _, t: pool(t))(m, prefix, x0, dx, ctx)
+    y0, dy = _dropout(m, prefix, y0, dy, ctx, p=m.p)
+    return _linear(m.fc, prefix + "fc.", y0, dy, ctx)
+
+
+# ---- fallback: torch.func.jvp over functional_call for that submodule ----------------------
+
+def _fallback(m, prefix, x0, dx, ctx):
+    live = x0 is not None
+    x = ctx.need(live, lambda: x0, used=True)
+    names = [n for n, _ in m.named_parameters()]
+    pairs = {n: ctx.param(m, prefix, n) for n in names}
+    lin = {n: pd for n, pd in pairs.items() if pd[1] is not None}
+    if ctx.recording or (not lin and dx is None):
+        with torch.no_grad():
+            y0 = functional_call(m, {n: pd[0] for n, pd in pairs.items()}, (x,))
+        return y0, None
+    const = {n: pd[0] for n, pd in pairs.items() if pd[1] is None}
+    p0 = {n: pd[0] for n, pd in lin.items()}
+    dp = {n: pd[1] for n, pd in lin.items()}
+    t = torch.zeros_like(x) if dx is None else dx
+    return jvp(lambda xx, pp: functional_call(m, {**const, **pp}, (xx,)), (x, p0), (t, dp))
+
+
+# ---- dispatch --------------------------------------------------------------------------------
+
+_EXACT = {
+    nn.Conv2d: _conv, nn.Linear: _linear, nn.BatchNorm1d: _batchnorm, nn.BatchNorm2d: _batchnorm,
+    nn.ReLU: _relu, nn.ReLU6: _hardtanh, nn.Hardtanh: _hardtanh, nn.Dropout: _dropout,
+    nn.Identity: _apply, nn.Flatten: _apply, nn.AdaptiveAvgPool2d: _apply, nn.AvgPool2d: _apply,
+    nn.Sequential: _sequential, DropoutHead: _dropout_head,
+}
+# class name -> (attributes it must have, rule)
+_BY_NAME = {
+    "BasicBlock": (("conv1", "bn1", "conv2", "bn2", "relu", "downsample"),
+                   _resnet_block((("conv1", "bn1"), ("conv2", "bn2")))),
+    "Bottleneck": (("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample"),
+                   _resnet_block((("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")))),
+    "InvertedResidual": (("conv_pw", "bn1", "conv_dw", "bn2", "se", "conv_pwl", "bn3", "has_skip", "drop_path"),
+                         _timm_block(("conv_s2d", "bn_s2d", "conv_pw", "bn1", "conv_dw", "bn2", "aa", "se",
+                                      "conv_pwl", "bn3"))),
+    "DepthwiseSeparableConv": (("conv_dw", "bn1", "se", "conv_pw", "bn2", "has_skip", "drop_path"),
+                               _timm_block(("conv_s2d", "bn_s2d", "conv_dw", "bn1", "aa", "se", "conv_pw", "bn2"))),
+    "BatchNormAct2d": (("act", "drop", "running_mean"), _batchnorm_act),
+    "SelectAdaptivePool2d": (("pool", "flatten"), _chain(("pool", "flatten"))),
+    "FastAdaptiveAvgPool": (("flatten",), _apply),
+    "Conv2dSame": (("weight", "stride", "dilation", "groups"), _conv),
+}
+
+
+def rule_for(m: nn.Module):
+    """The rule for ``m``: exact torch types, then known third-party classes, else the jvp fallback."""
+    rule = _EXACT.get(type(m))
+    if rule is not None:
+        return rule
+    known = _BY_NAME.get(type(m).__name__)
+    if known is not None and all(hasattr(m, a) for a in known[0]):
+        return known[1]
+    return _fallback
