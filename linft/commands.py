@@ -24,5 +24,9 @@ def register_all(sub) -> None:
     demo.register(sub)
     from linft import train_cli
     train_cli.register(sub)
+    from linft import sweep_cli
+    sweep_cli.register(sub)
+    from linft import report
+    report.register(sub)
     from linft.data import commands as data_commands
     data_commands.register(sub)

@@ -62,6 +62,8 @@ class RunConfig:
     workers: int = field(default=0, metadata={"semantic": False})
     quiet: bool = field(default=False, metadata={"semantic": False})
     checkpoint_every: int = field(default=0, metadata={"semantic": False})  # 0: at every evaluation
+    # how the Taylor model is computed (same values to float precision, so not semantic)
+    lin_engine: str = field(default="onepass", metadata={"semantic": False})
 
     def __post_init__(self) -> None:
         for f in fields(self):  # JSON gives lists; the dataclass is frozen and hashable with tuples
@@ -141,6 +143,7 @@ def _validate(c: RunConfig) -> None:
     need(c.mode in MODES, f"mode must be one of {MODES}, got {c.mode!r}")
     check_dropout_rate(c.p)
     need(c.head_init in HEAD_INIT_CHOICES, f"head_init must be one of {HEAD_INIT_CHOICES}, got {c.head_init!r}")
+    need(c.lin_engine in ("jvp", "onepass"), f"lin_engine must be 'jvp' or 'onepass', got {c.lin_engine!r}")
     need(c.bn in BN_POLICIES, f"bn must be one of {BN_POLICIES}, got {c.bn!r}")
     need(c.k >= 0, f"k must be >= 0, got {c.k}")
     need(c.lr > 0 and c.weight_decay >= 0 and 0 <= c.momentum < 1, "need lr > 0, weight_decay >= 0, 0 <= momentum < 1")

@@ -91,5 +91,5 @@ def finalize_trainable(pipe: Pipeline, cfg: RunConfig) -> None:
     """After the head is initialised (random or probed): linearize for mode 'linear'."""
     if cfg.mode == "linear":
         device = next(pipe.trainable.parameters()).device
-        pipe.trainable = linearize(pipe.trainable).to(device)
+        pipe.trainable = linearize(pipe.trainable, engine=cfg.lin_engine).to(device)
         pipe.head = pipe.trainable.get_submodule("1")

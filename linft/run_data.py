@@ -20,7 +20,10 @@ class RunData:
         self.cfg, self.device = cfg, device
         options = {"limit": cfg.dataset_limit} if cfg.dataset_limit else {}
         self.dataset = get_dataset(cfg.dataset, cfg.data_root or None, **options)
-        test_envs = list(cfg.test_envs) or [self.dataset.environments[0]]
+        envs = self.dataset.environments
+        # "#i" names the i-th environment (a grid over datasets cannot spell their domain names)
+        test_envs = [envs[int(e[1:])] if e.startswith("#") and e[1:].isdigit() and int(e[1:]) < len(envs) else e
+                     for e in cfg.test_envs] or [envs[0]]
         self.splits = make_splits(self.dataset, test_envs, cfg.holdout, cfg.trial_seed, cfg.n_per_domain or None)
         self.roles = {s.env: s.role for s in self.splits}
         self.num_classes = self.dataset.num_classes

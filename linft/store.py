@@ -20,9 +20,16 @@ from linft.config import RunConfig
 from linft.errors import LinftError
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, _umask_mode())  # mkstemp creates 0600; results are meant to be shared
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -41,6 +48,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, _umask_mode())
     os.close(fd)
     try:
         torch.save(obj, tmp)

@@ -132,3 +132,27 @@ def test_trajectory_average_and_ensemble():
     other = TrajectoryEnsemble(0)
     other.load_state_dict(state)
     assert torch.equal(other.logits(("A", "in")), ens.logits(("A", "in")))
+
+
+def test_soups_across_runs(data_root, tmp_path):
+    from linft.soups import soups
+    from linft.train import restore_run
+    runs = [train(tiny(data_root, mode="tail", lr=lr), tmp_path).path for lr in (0.05, 0.02, 0.01)]
+    rows = soups(runs, tmp_path)
+    models = {r["model"] for r in rows}
+    assert models == {"uniform_soup", "greedy_soup", "output_ensemble"}
+    greedy_n = {r["members"] for r in rows if r["model"] == "greedy_soup"}
+    assert len(greedy_n) == 1 and 1 <= greedy_n.pop() <= 3
+    # restoring a run reproduces its final evaluation exactly
+    t = restore_run(runs[0])
+    last = {(r["env"], r["split"]): r["value"] for r in RunDir(tmp_path, t.cfg).read_rows()
+            if r.get("kind") == "eval" and r["model"] == "current" and r["step"] == 6 and r["metric"] == "acc"}
+    from linft.evaluate import metrics, predict
+    for key, loader in t.data.eval_loaders.items():
+        lg, y = predict(t.pipe.pre, t.pipe.post, t.pipe.trainable, loader, t.device)
+        assert metrics(lg, y)["acc"] == last[key]
+    # a soup of a run with itself is the run
+    same = soups([runs[0], runs[0]], tmp_path / "self")
+    for r in same:
+        if r["metric"] == "acc":
+            assert r["value"] == last[(r["env"], r["split"])], r

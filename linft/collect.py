@@ -1,0 +1,102 @@
+"""Run folders -> one long tidy DataFrame (config joined at load time), and the selections and
+DomainBed-style tables built on it (mean +- standard error over seeds)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from linft.config import RunConfig
+
+CONFIG_COLUMNS = ("dataset", "backbone", "mode", "k", "p", "head_init", "lr", "weight_decay", "steps",
+                  "last_layer_lr_mult", "n_per_domain", "seed", "trial_seed", "resolution", "augment")
+
+
+def run_folders(root: str | Path) -> list[Path]:
+    root = Path(root)
+    return sorted(p for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+
+
+def load_rows(root: str | Path, analyses: bool = True) -> pd.DataFrame:
+    """Every row of every run under ``root`` (results.jsonl, and analyses/*/rows.jsonl when
+    ``analyses``), with the run's config fields as columns and ``state`` (done/failed/running)."""
+    from linft.store import run_state
+    frames = []
+    for folder in run_folders(root):
+        cfg = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        files = [folder / "results.jsonl"]
+        if analyses:
+            files += sorted((folder / "analyses").glob("*/rows.jsonl"))
+        rows = []
+        for f in files:
+            if f.exists():
+                for line in f.read_text().splitlines():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass
+        if not rows:
+            continue
+        df = pd.DataFrame(rows)
+        df["run"] = folder.name
+        df["state"] = run_state(folder)
+        df["test_env"] = ",".join(cfg.test_envs) or "#0"
+        for c in CONFIG_COLUMNS:
+            df[c] = getattr(cfg, c)
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame()
+    out = pd.concat(frames, ignore_index=True)
+    out["value"] = pd.to_numeric(out["value"], errors="coerce")  # "nan"/"inf" strings from diverged runs
+    return out
+
+
+def method_name(mode: str, p: float, model: str = "current") -> str:
+    suffix = {"current": "", "traj_avg": " + traj. avg", "traj_ens": " + traj. ens"}[model]
+    return f"{mode} p={p:g}{suffix}"
+
+
+def selected_accuracy(df: pd.DataFrame, selection: str = "train_val") -> pd.DataFrame:
+    """One row per (run, model): o.o.d. accuracy (test domains' "in" split) and i.i.d. accuracy
+    (training domains' "out" split, averaged) at the step chosen by ``selection``."""
+    sel = df[(df["kind"] == "select") & (df["selection"] == selection) & (df["metric"] == "acc")
+             & (df["state"] == "done")]
+    if sel.empty:
+        return pd.DataFrame()
+    keys = ["run", "model", "dataset", "backbone", "mode", "p", "seed", "trial_seed", "test_env", "lr",
+            "weight_decay", "last_layer_lr_mult", "n_per_domain", "step"]
+    ood = sel[(sel["role"] == "test") & (sel["split"] == "in")].groupby(keys)["value"].mean().rename("ood_acc")
+    iid = sel[(sel["role"] == "train") & (sel["split"] == "out")].groupby(keys)["value"].mean().rename("iid_acc")
+    out = pd.concat([ood, iid], axis=1).reset_index()
+    out["method"] = [method_name(m, p, mo) for m, p, mo in zip(out["mode"], out["p"], out["model"])]
+    out["selection"] = selection
+    return out
+
+
+def mean_se(values: pd.Series) -> str:
+    v = values.dropna().to_numpy() * 100
+    if len(v) == 0:
+        return "-"
+    se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return f"{v.mean():.1f} ± {se:.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+
+
+def domainbed_table(acc: pd.DataFrame, column: str = "ood_acc") -> pd.DataFrame:
+    """Methods x test domains (+ Avg), cells "mean ± s.e." over seeds (percent), per dataset."""
+    tables = []
+    for dataset, part in acc.groupby("dataset"):
+        t = part.pivot_table(index="method", columns="test_env", values=column, aggfunc=mean_se)
+        per_seed = part.groupby(["method", "seed", "trial_seed"])[column].mean().reset_index()
+        t["Avg"] = per_seed.groupby("method")[column].apply(mean_se)
+        t.insert(0, "dataset", dataset)
+        tables.append(t.reset_index())
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
