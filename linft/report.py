@@ -87,7 +87,20 @@ def _report(args) -> int:
     return 0
 
 
+def _soup(args) -> int:
+    from linft.soups import soups
+    rows = soups(args.run, args.root)
+    for r in rows:
+        if r["metric"] == "acc" and r["split"] == ("in" if r["role"] == "test" else "out"):
+            print(f"{r['model']:<16} members {r['members']}  {r['role']:<5} {r['env']:<12} acc {r['value']:.4f}")
+    return 0
+
+
 def register(sub) -> None:
+    p = sub.add_parser("soup", help="uniform soup, greedy soup and output ensemble of finished runs")
+    p.add_argument("--root", required=True, help="where _soups/<id>/ is written")
+    p.add_argument("run", nargs="+", help="run folders (same architecture, data and split)")
+    p.set_defaults(func=_soup)
     p = sub.add_parser("collect", help="all rows of a runs folder as one long table (CSV or Parquet)")
     p.add_argument("--root", required=True)
     p.add_argument("--out", default="results.csv")

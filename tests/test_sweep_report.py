@@ -1,0 +1,74 @@
+"""Sweeps, collection, figures and the report on tiny real runs (issue: Experiments)."""
+import json
+
+import pytest
+
+from linft.data.synthetic import make_image_tree
+from linft.sweep import delete_incomplete, launch, load_experiment, status
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    make_image_tree(tmp / "data", "PACS", n_per_class=4, size=16)
+    exp_file = tmp / "tiny.toml"
+    exp_file.write_text("""
+description = "tiny"
+[base]
+dataset = "PACS"
+backbone = "tiny_resnet"
+k = 2
+resolution = 16
+steps = 4
+eval_every = 2
+traj_start = 1
+lr_decay_steps = [3]
+batch_size = 4
+lr = 0.05
+[grid]
+cases = [{mode = "tail"}, {mode = "linear"}]
+p = [0.0, 0.9]
+""")
+    exp = load_experiment(str(exp_file), data_root=str(tmp / "data"))
+    counts = launch(exp, tmp / "runs", jobs=2)
+    return exp, tmp / "runs", counts
+
+
+def test_launch_status_and_relaunch(swept):
+    exp, root, counts = swept
+    assert len(exp.configs) == 4
+    assert counts == {"done": 4, "running": 0, "failed": 0, "missing": 0}
+    again = launch(exp, root, jobs=1)  # nothing left to do
+    assert again["done"] == 4
+    (root / exp.configs[0].run_id / "done").unlink()
+    assert len(status(exp, root)["running"]) == 1
+    assert delete_incomplete(exp, root) == [exp.configs[0].run_id]
+    assert len(status(exp, root)["missing"]) == 1
+    launch(exp, root)
+    assert len(status(exp, root)["done"]) == 4
+
+
+def test_collect_tables_figures_report(swept, tmp_path):
+    from linft import collect
+    from linft.report import write_report
+    _, root, _ = swept
+    df = collect.load_rows(root)
+    assert {"run", "kind", "step", "env", "role", "split", "metric", "value", "mode", "p", "seed"} <= set(df.columns)
+    acc = collect.selected_accuracy(df, "train_val")
+    assert set(acc["method"]) >= {"tail p=0", "tail p=0.9", "linear p=0", "linear p=0.9"}
+    assert acc["ood_acc"].between(0, 1).all() and acc["iid_acc"].between(0, 1).all()
+    table = collect.domainbed_table(acc)
+    assert "Avg" in table.columns and (table["dataset"] == "PACS").all()
+    out = write_report(root, tmp_path / "report.md")
+    text = out.read_text()
+    assert "o.o.d. accuracy" in text and "tiny_resnet" in text and "![iid_vs_ood]" in text
+    for name in ("iid_vs_ood", "linear_vs_nonlinear", "ood_vs_dropout"):
+        for ext in ("png", "pdf", "csv"):
+            assert (tmp_path / "figures" / f"{name}.{ext}").stat().st_size > 0
+
+
+def test_experiments_in_repo_load():
+    for name in ("linear_vs_nonlinear",):
+        for variant in ("paper", "offline"):
+            exp = load_experiment(name, variant)
+            assert exp.configs and len({c.run_id for c in exp.configs}) == len(exp.configs)
