@@ -28,5 +28,7 @@ def register_all(sub) -> None:
     sweep_cli.register(sub)
     from linft import report
     report.register(sub)
+    from linft import bench
+    bench.register(sub)
     from linft.data import commands as data_commands
     data_commands.register(sub)

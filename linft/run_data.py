@@ -28,6 +28,7 @@ class RunData:
         self.roles = {s.env: s.role for s in self.splits}
         self.num_classes = self.dataset.num_classes
         self.labels: dict = {}
+        self.shard: tuple[int, int] | None = None  # [distributed] (rank, world): this rank's share of "train"
 
     def attach(self, pipe) -> None:
         """Choose the inputs: cached trunk features (then ``pipe.pre`` becomes the identity) or images."""
@@ -55,6 +56,9 @@ class RunData:
         loaders = train_loaders(self.inputs, self.splits, self.train_tf, batch_size=self.cfg.batch_size,
                                 seed=derive_seed(stream, self.cfg.seed), num_workers=self.cfg.workers,
                                 start_step=start)
+        if self.shard is not None and stream == "train":  # [distributed]
+            from linft.distributed import shard_loaders
+            loaders = shard_loaders(loaders, *self.shard)
         iters = [iter(loader) for loader in loaders]
         while True:
             yield [next(it) for it in iters]

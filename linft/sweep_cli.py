@@ -24,6 +24,9 @@ def _status(args) -> int:
 
 def _launch(args) -> int:
     exp = _experiment(args)
+    if getattr(args, "launcher", "local") != "local":  # [slurm] submitit job array
+        from linft.slurm import launch_cli
+        return launch_cli(exp, args)
     counts = launch(exp, args.root, jobs=args.jobs)
     print(f"{exp.name} [{args.variant}]: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
     return 0 if counts["failed"] == 0 and counts["missing"] == 0 and counts["running"] == 0 else 1
@@ -47,4 +50,6 @@ def register(sub) -> None:
         v.add_argument("--cache-dir", default=None)
         if name == "launch":
             v.add_argument("--jobs", type=int, default=1, help="processes at a time (one per GPU on GPU machines)")
+            from linft.slurm import add_launcher_flags  # [slurm]
+            add_launcher_flags(v)
         v.set_defaults(func=func)

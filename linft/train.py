@@ -9,6 +9,7 @@ dropped on resume, so none is duplicated or torn.
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -55,6 +56,15 @@ class Trainer:
         self.avg = TrajectoryAverage(cfg.traj_start)
         self.ens = TrajectoryEnsemble(cfg.traj_start)
 
+    # [distributed] hooks that linft.distributed.DistributedTrainer overrides (one process: as is)
+    _predict = staticmethod(predict)
+
+    def _sync_grads(self) -> None:
+        """After backward(): nothing in one process; the gradient all-reduce across ranks."""
+
+    def _save_final(self, final: dict) -> None:
+        atomic_torch_save(final, self.run_dir.final_path)
+
     # -- one optimisation step ---------------------------------------------------------------
     def _loss(self, module: nn.Module, batches) -> torch.Tensor:
         x = torch.cat([b[0] for b in batches]).to(self.device, non_blocking=True)
@@ -96,14 +106,14 @@ class Trainer:
         current = {}
         for key, loader in self.data.eval_loaders.items():
             role = self.data.roles[key[0]]
-            logits, labels = predict(self.pipe.pre, self.pipe.post, self.pipe.trainable, loader, self.device,
+            logits, labels = self._predict(self.pipe.pre, self.pipe.post, self.pipe.trainable, loader, self.device,
                                      autocast=self.autocast)
             current[key] = logits
             self.data.labels[key] = labels
             rows += eval_rows(run_id, step, "current", key, role, metrics(logits, labels))
             avg = self.avg.params(self.pipe.trainable)
             if avg is not None:
-                lg, _ = predict(self.pipe.pre, self.pipe.post, self.pipe.trainable, loader, self.device, avg,
+                lg, _ = self._predict(self.pipe.pre, self.pipe.post, self.pipe.trainable, loader, self.device, avg,
                                 self.autocast)
                 rows += eval_rows(run_id, step, "traj_avg", key, role, metrics(lg, labels))
         if self.ens.add(step, current):
@@ -169,6 +179,7 @@ class Trainer:
                 raise RunFailed(f"{rd.path.name}: {reason}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            self._sync_grads()  # [distributed]
             opt.step()
             sched.step()
             step += 1
@@ -192,7 +203,7 @@ class Trainer:
         final = {"trainable": self.pipe.trainable.state_dict()}
         if self.avg.mean is not None:
             final["traj_avg"] = self.avg.params(self.pipe.trainable)
-        atomic_torch_save(final, rd.final_path)
+        self._save_final(final)  # [distributed] rank 0 only
         rd.mark_done()
         return rd
 
@@ -208,6 +219,9 @@ def train(cfg: RunConfig, root: str | Path) -> RunDir:
     rd = RunDir(root, cfg)
     if rd.done:
         return rd
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # [distributed] one rank of a torchrun job
+        from linft.distributed import train_distributed
+        return train_distributed(cfg, root)
     return Trainer(cfg, root).run()
 
 
