@@ -30,5 +30,7 @@ def register_all(sub) -> None:
     report.register(sub)
     from linft import bench
     bench.register(sub)
+    from linft import analyze_cli
+    analyze_cli.register(sub)
     from linft.data import commands as data_commands
     data_commands.register(sub)
