@@ -51,6 +51,8 @@ def run_all(quick: bool = True, only: list[str] | None = None, timeout: float = 
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if name == "data_loader.py" and rec.get("variant") != "ratio":
+                    continue  # its other records are absolute images/s and s/step, not ratios
                 for f in fields:
                     if f in rec and isinstance(rec[f], (int, float)):
                         ratios.append({"what": _label(rec), "field": f, "value": rec[f]})

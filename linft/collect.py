@@ -46,6 +46,18 @@ def load_rows(root: str | Path, analyses: bool = True) -> pd.DataFrame:
         for c in CONFIG_COLUMNS:
             df[c] = getattr(cfg, c)
         frames.append(df)
+    # rows of operations on several runs: size trends and soups
+    for f in sorted(Path(root).glob("_trends/*/rows.jsonl")) + sorted(Path(root).glob("_soups/*/rows.jsonl")):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if rows:
+            extra = pd.DataFrame(rows)
+            first = next((fr for fr in frames if fr["run"].iloc[0] == extra["run"].iloc[0]), None)
+            ref = first if first is not None else (frames[0] if frames else None)
+            if ref is not None:  # config columns of a member run (dataset, backbone, seed)
+                for c in ("dataset", "backbone", "test_env", "seed"):
+                    extra[c] = ref[c].iloc[0]
+            extra["state"] = "done"
+            frames.append(extra)
     if not frames:
         return pd.DataFrame()
     out = pd.concat(frames, ignore_index=True)

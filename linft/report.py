@@ -25,11 +25,8 @@ def make_figures(root, out_dir) -> list[Path]:
         paths += plots.accuracy_by_mode(acc[acc["model"] == "current"], out_dir)
         if acc["p"].nunique() > 1:
             paths += plots.ood_vs_dropout(acc, out_dir)
-    try:  # analysis figures exist once linft.analyze has produced rows
-        from linft import plots_analysis
-        paths += plots_analysis.make_all(df, out_dir)
-    except ImportError:
-        pass
+    from linft import plots_analysis
+    paths += plots_analysis.make_all(df, out_dir)
     return paths
 
 

@@ -59,10 +59,14 @@ def test_collect_tables_figures_report(swept, tmp_path):
     assert acc["ood_acc"].between(0, 1).all() and acc["iid_acc"].between(0, 1).all()
     table = collect.domainbed_table(acc)
     assert "Avg" in table.columns and (table["dataset"] == "PACS").all()
+    from linft.analyze import analyze
+    tails = sorted(str(root / c.run_id) for c in swept[0].configs if c.mode == "tail")
+    analyze("interp", tails, grid=5, refine=False)
+    analyze("linearity", tails[:1])
     out = write_report(root, tmp_path / "report.md")
     text = out.read_text()
     assert "o.o.d. accuracy" in text and "tiny_resnet" in text and "![iid_vs_ood]" in text
-    for name in ("iid_vs_ood", "linear_vs_nonlinear", "ood_vs_dropout"):
+    for name in ("iid_vs_ood", "linear_vs_nonlinear", "ood_vs_dropout", "interpolation", "taylor_fidelity"):
         for ext in ("png", "pdf", "csv"):
             assert (tmp_path / "figures" / f"{name}.{ext}").stat().st_size > 0
 
@@ -72,3 +76,12 @@ def test_experiments_in_repo_load():
         for variant in ("paper", "offline"):
             exp = load_experiment(name, variant)
             assert exp.configs and len({c.run_id for c in exp.configs}) == len(exp.configs)
+
+
+def test_demo_configs_are_the_documented_study():
+    from linft.demo import demo_configs
+    cfgs = demo_configs("/tmp/cache")
+    assert {(c.mode, c.p) for c in cfgs.values()} >= {(m, p) for m in ("tail", "linear", "full") for p in (0.0, 0.9)}
+    assert sorted({c.n_per_domain for c in cfgs.values() if c.p == 0.9 and c.mode == "tail"}) == [100, 300, 1000]
+    assert all(c.backbone == "efficientnet_lite0.in1k" and c.dataset == "Digits" for c in cfgs.values())
+    assert len({c.run_id for c in cfgs.values()}) == len(cfgs)
