@@ -130,3 +130,19 @@ def test_loaders_leave_the_global_rng_alone():
     it = iter(InfiniteLoader(env, range(6), batch_size=2, seed=1))
     next(it)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_cached_feature_batches_equal_the_dataloader_path(tmp_path):
+    """The gather fast path for cached features yields exactly the DataLoader's batches."""
+    import numpy as np
+    import torch
+    from linft.data.feature_cache import CachedFeatures
+    from linft.data.loaders import InfiniteLoader
+    feats = np.random.default_rng(0).normal(size=(10, 3, 2, 2)).astype(np.float16)
+    env = CachedFeatures("e", feats, np.arange(10) % 3, tmp_path, built=True)
+    fast = InfiniteLoader(env, range(10), batch_size=4, seed=2)
+    assert fast.arrays is not None
+    slow = InfiniteLoader(env, range(10), batch_size=4, seed=2)
+    slow.arrays = None
+    for (a, ya), (b, yb), _ in zip(fast, slow, range(5)):
+        assert torch.equal(a, b) and torch.equal(ya, yb) and a.dtype == torch.float32

@@ -105,8 +105,22 @@ class InfiniteLoader:
                                  num_workers=num_workers, persistent_workers=False,
                                  generator=torch.Generator().manual_seed(seed))
 
+        # Cached features need no transform: gather each batch with one fancy index of the memmap
+        # instead of item-by-item DataLoader collation (same tensors, several times faster).
+        self.arrays = (env.features, env.labels) if getattr(env, "is_feature_cache", False) and transform is None \
+            and num_workers == 0 else None
+
     def __iter__(self):
-        return iter(self.loader)
+        if self.arrays is None:
+            return iter(self.loader)
+        return self._gather(self.loader.batch_sampler)  # the loader's sampler: sharding replaces it
+
+    def _gather(self, sampler):
+        feats, labels = self.arrays
+        for batch in sampler:
+            idx = np.fromiter((i for i, _ in batch), dtype=np.int64, count=len(batch))
+            yield (torch.from_numpy(np.asarray(feats[idx], dtype=np.float32)),
+                   torch.from_numpy(np.asarray(labels[idx], dtype=np.int64)))
 
 
 def _env_by_name(data, name: str):
@@ -130,16 +144,36 @@ def train_loaders(data, splits: list[EnvSplit], transform=None, *, batch_size: i
             for s in splits if s.role == "train"]
 
 
+class CachedSplit:
+    """Ordered batches ``(x, y)`` of cached features over ``indices`` (an eval loader without
+    per-item collation)."""
+
+    def __init__(self, env, indices, batch_size: int):
+        self.env, self.indices, self.batch_size = env, np.asarray(indices, dtype=np.int64), batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            idx = self.indices[start:start + self.batch_size]
+            yield (torch.from_numpy(np.asarray(self.env.features[idx], dtype=np.float32)),
+                   torch.from_numpy(np.asarray(self.env.labels[idx], dtype=np.int64)))
+
+
 def eval_loaders(data, splits: list[EnvSplit], transform=None, *, batch_size: int = 128,
                  num_workers: int = 0) -> dict[tuple[str, str], DataLoader]:
     """Finite, ordered loaders for every environment's ``in`` and ``out`` split (DomainBed evaluates
     all of them), keyed by ``(env name, "in" | "out")``; empty splits are left out."""
     out = {}
     for s in splits:
-        ds = EnvDataset(_env_by_name(data, s.env), transform)
+        env = _env_by_name(data, s.env)
+        ds = EnvDataset(env, transform)
         for split in ("in", "out"):
             idx = s.indices(split)
-            if len(idx):
+            if len(idx) and getattr(env, "is_feature_cache", False) and transform is None and num_workers == 0:
+                out[(s.env, split)] = CachedSplit(env, idx, batch_size)
+            elif len(idx):
                 out[(s.env, split)] = DataLoader(torch.utils.data.Subset(ds, idx.tolist()),
                                                  batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                                  generator=torch.Generator().manual_seed(0))
