@@ -185,10 +185,16 @@ def _examples_per_domain(cfg) -> int:
     return min(len(s.indices("in")) for s in data.splits if s.role == "train")
 
 
+_COMMON_OPTIONS = ("weights", "dtype", "device")
+_KIND_OPTIONS = {"ntk": ("probe_size", "probe_seed", "form", "method", "memory_bytes"),
+                 "linearity": ("ts", "engine", "bn_policy")}
+
+
 def size_trend(runs, kinds=("distance", "linearity", "ntk"), **options) -> list[dict]:
     """Per run: ``n`` (training examples per domain, after ``n_per_domain``) and summary metrics of
     ``kinds`` as ``kind="trend"`` rows, stored in ``<root of the first run>/_trends/<id>/``.
-    ``options`` (``weights``, ``dtype``, ``device``) are passed to every analysis."""
+    ``options``: ``weights``, ``dtype``, ``device`` go to every analysis, the others (e.g. the ntk's
+    ``probe_size``) only to the analyses that take them."""
     paths = [Path(p) for p in runs]
     cfgs = [_run_config(p) for p in paths]
     ref = {k: v for k, v in cfgs[0].semantic_diff().items() if k not in _TREND_VARY}
@@ -207,7 +213,8 @@ def size_trend(runs, kinds=("distance", "linearity", "ntk"), **options) -> list[
         base = dict(kind="trend", run=p.name, n=_examples_per_domain(c), n_per_domain=c.n_per_domain, mode=c.mode,
                     p=c.p)
         for kind in kinds:
-            for r in analyze(kind, [p], **options):
+            mine = {k: v for k, v in options.items() if k in _COMMON_OPTIONS or k in _KIND_OPTIONS.get(kind, ())}
+            for r in analyze(kind, [p], **mine):
                 rows += _summary(kind, r, base)
     atomic_write_text(folder / "config.json", json.dumps({"runs": [p.name for p in paths], "kinds": list(kinds),
                                                           "options": options}, indent=1) + "\n")

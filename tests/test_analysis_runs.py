@@ -190,3 +190,8 @@ def test_size_trend(runs):
     assert {r["metric"] for r in rows} >= {"distance_relative", "linearity_r2", "ntk_kernel_distance"}
     with pytest.raises(LinftError, match="differs"):
         size_trend([runs["tail"], runs["other_seed"]])
+
+
+def test_size_trend_passes_each_option_only_where_it_applies(runs):
+    rows = size_trend([runs["tail_n"], runs["tail"]], kinds=("distance", "ntk"), probe_size=8)
+    assert {r["metric"] for r in rows} >= {"distance_relative", "ntk_kernel_distance"}

@@ -82,6 +82,6 @@ def test_demo_configs_are_the_documented_study():
     from linft.demo import demo_configs
     cfgs = demo_configs("/tmp/cache")
     assert {(c.mode, c.p) for c in cfgs.values()} >= {(m, p) for m in ("tail", "linear", "full") for p in (0.0, 0.9)}
-    assert sorted({c.n_per_domain for c in cfgs.values() if c.p == 0.9 and c.mode == "tail"}) == [100, 300, 1000]
+    assert sorted({c.n_per_domain for c in cfgs.values() if c.p == 0.9 and c.mode == "tail"}) == [100, 300, 800]
     assert all(c.backbone == "efficientnet_lite0.in1k" and c.dataset == "Digits" for c in cfgs.values())
     assert len({c.run_id for c in cfgs.values()}) == len(cfgs)
