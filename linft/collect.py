@@ -83,6 +83,8 @@ def selected_accuracy(df: pd.DataFrame, selection: str = "train_val") -> pd.Data
     iid = sel[(sel["role"] == "train") & (sel["split"] == "out")].groupby(keys)["value"].mean().rename("iid_acc")
     out = pd.concat([ood, iid], axis=1).reset_index()
     out["method"] = [method_name(m, p, mo) for m, p, mo in zip(out["mode"], out["p"], out["model"])]
+    if out["n_per_domain"].nunique() > 1:  # runs of several sizes are different methods, not seeds
+        out["method"] += [f" n={n or 'all'}" for n in out["n_per_domain"]]
     out["selection"] = selection
     return out
 
@@ -112,3 +114,44 @@ def to_markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
+
+
+SUMMARY_METRICS = {
+    "distance": ("relative", "distance", "delta_cosine"),
+    "interp": ("loss_barrier", "error_barrier"),
+    "linearity": ("rel_err_l2", "agreement", "halving_ratio_l2", "acc_gap"),
+    "ntk": ("kernel_distance",),
+    "identity": ("midpoint_gap_rel", "loss_barrier"),
+}
+
+
+def analysis_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Headline numbers of the linearity analyses: pooled over domains (i.i.d. = training domains'
+    held-out split, o.o.d. = test domains), totals for distances, t = 1 for Taylor fidelity."""
+    if "kind" not in df:
+        return pd.DataFrame()
+    labels = {r: f"{m} p={p:g}" + (f" n={n}" if df["n_per_domain"].nunique() > 1 else "")
+              for r, m, p, n in df.drop_duplicates("run")[["run", "mode", "p", "n_per_domain"]].itertuples(index=False)}
+    keep = pd.Series(False, index=df.index)
+    for kind, metrics in SUMMARY_METRICS.items():
+        keep |= (df["kind"] == kind) & df["metric"].isin(metrics)
+    part = df[keep].copy()
+    for col in ("env", "level", "t", "definition", "endpoint_a", "endpoint_b", "role"):
+        if col not in part:
+            part[col] = None
+    part = part[(part["env"].isna() | (part["env"] == "pooled")) & (part["level"].isna() | (part["level"] == "total"))
+                & (part["t"].isna() | (part["t"] == 1.0))]
+    if part.empty:
+        return pd.DataFrame()
+
+    def name(ep):
+        kind, _, run = str(ep).partition(":")
+        return labels.get(run, run) if run else str(ep)
+
+    part["runs"] = [f"{name(a)} -> {name(b)}" if isinstance(a, str) and isinstance(b, str) else labels.get(r, r)
+                    for a, b, r in zip(part["endpoint_a"], part["endpoint_b"], part["run"])]
+    part["data"] = part["role"].map({"train": "i.i.d.", "test": "o.o.d."}).fillna("-")
+    part["definition"] = part["definition"].fillna("")
+    table = part.pivot_table(index=["kind", "runs", "metric", "definition"], columns="data", values="value",
+                             aggfunc="mean").reset_index()
+    return table.round(4)

@@ -6,7 +6,7 @@ optdigits (test domain), 32 px:
    full fine-tuning at p = 0 and p = 0.9 (short: 150 steps on 2 CPU cores), each with its
    trajectory weight average and trajectory ensemble;
 2. the linearity analyses: weight distances, interpolation (pre-trained -> fine-tuned and
-   p=0 <-> p=0.9) with barriers, function-vs-weight interpolation, post-hoc Taylor fidelity,
+   p=0 <-> p=0.9; p=0.9 from the pre-trained weights) with barriers, function-vs-weight interpolation, post-hoc Taylor fidelity,
    trained linear-vs-standard agreement, kernel distance, the linear-model identities;
 3. a dataset-size trend over 3 nested sizes (100, 300, 800 examples);
 4. the report (markdown, tables, figures) in ``--out``.
@@ -21,6 +21,7 @@ from linft.config import RunConfig
 
 
 NTK_PROBE = 32  # examples in the kernel's probe batch (a [32, 32] trace NTK of ~2M tail parameters)
+OPTIONS = {"ntk": {"probe_size": NTK_PROBE}, "identity": {"grid": 11}}
 
 
 def demo_configs(cache_dir: str) -> dict[str, RunConfig]:
@@ -53,15 +54,15 @@ def run_demo(out: str | Path = "linft-demo", figures: str | Path | None = None) 
         stage(f"run {i}/{len(configs)}: {name} ({cfg.mode}, p={cfg.p}, n={cfg.n_per_domain}, {cfg.steps} steps)")
         paths[name] = train(cfg, root).path
     p0, p9, l0, l9 = paths["tail p=0"], paths["tail p=0.9"], paths["linear p=0"], paths["linear p=0.9"]
-    jobs = [("distance", [p0, p9]), ("interp", [p0]), ("interp", [p9]), ("interp", [p0, p9]),
+    jobs = [("distance", [p0, p9]), ("interp", [p9]), ("interp", [p0, p9]),
             ("funcinterp", [p0, p9]), ("linearity", [p0]), ("linearity", [p9]), ("linearity", [l0, p0]),
             ("linearity", [l9, p9]), ("ntk", [p0]), ("ntk", [p9]), ("identity", [l0, l9]), ("identity", [p0, p9])]
     for kind, runs in jobs:
         stage(f"analysis {kind}: {' vs '.join(Path(r).name for r in runs)}")
-        analyze.analyze(kind, runs, **({"probe_size": NTK_PROBE} if kind == "ntk" else {}))
-    stage("dataset-size trend (n = 100, 300, 800; tail and linear at p = 0.9)")
-    size_trend([paths[f"{m} p=0.9 n={n}"] for m in ("tail", "linear") for n in (100, 300)] + [p9, l9],
-               probe_size=NTK_PROBE)
+        analyze.analyze(kind, runs, **OPTIONS.get(kind, {}))
+    stage("dataset-size trend (n = 100, 300, 800; tail at p = 0.9, and distances of the linear runs)")
+    size_trend([paths["tail p=0.9 n=100"], paths["tail p=0.9 n=300"], p9], probe_size=NTK_PROBE)
+    size_trend([paths["linear p=0.9 n=100"], paths["linear p=0.9 n=300"], l9], kinds=("distance",))
     stage("report and figures")
     report = write_report(root, out / "report.md", figures or out / "figures",
                           title="linft demo: EfficientNet-Lite0 (ImageNet), MNIST -> UCI optdigits")
