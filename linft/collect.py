@@ -155,3 +155,26 @@ def analysis_summary(df: pd.DataFrame) -> pd.DataFrame:
     table = part.pivot_table(index=["kind", "runs", "metric", "definition"], columns="data", values="value",
                              aggfunc="mean").reset_index()
     return table.round(4)
+
+
+def hparam_clouds(acc: pd.DataFrame, max_points: int = 20_000, seed: int = 0) -> pd.DataFrame:
+    """[ZB]'s clouds: hyperparameters are not selected; every way of choosing one (lr, weight decay)
+    setting per test domain gives one point (i.i.d. and o.o.d. accuracy averaged over the test
+    domains, each setting first averaged over seeds). (2 x 3)^4 = 1296 points per method on a
+    4-domain dataset; beyond ``max_points`` combinations a seeded random subset is drawn."""
+    import itertools
+    out = []
+    rng = np.random.default_rng(seed)
+    for (dataset, method), part in acc.groupby(["dataset", "method"]):
+        cell = part.groupby(["test_env", "lr", "weight_decay"])[["iid_acc", "ood_acc"]].mean()
+        envs = sorted(cell.index.get_level_values(0).unique())
+        options = [cell.loc[e].to_numpy() for e in envs]  # per env: [settings, 2]
+        total = int(np.prod([len(o) for o in options]))
+        if total <= max_points:
+            combos = itertools.product(*[range(len(o)) for o in options])
+        else:
+            combos = (tuple(rng.integers(len(o)) for o in options) for _ in range(max_points))
+        for combo in combos:
+            pts = np.stack([options[i][j] for i, j in enumerate(combo)])
+            out.append((dataset, method, *pts.mean(0)))
+    return pd.DataFrame(out, columns=["dataset", "method", "iid_acc", "ood_acc"])

@@ -67,3 +67,13 @@ def ood_vs_dropout(acc: pd.DataFrame, out_dir, name: str = "ood_vs_dropout") -> 
     ax.set_xlabel("dropout rate p on the pooled representation")
     ax.set_ylabel("o.o.d. accuracy")
     return save(fig, acc, out_dir, name)
+
+
+def clouds(points: pd.DataFrame, out_dir, name: str = "hparam_clouds") -> list[Path]:
+    """[ZB] clouds: one point per way of choosing a hyperparameter setting per test domain."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    sns.scatterplot(data=points, x="iid_acc", y="ood_acc", hue="method", s=6, alpha=0.35, linewidth=0, ax=ax)
+    ax.set_xlabel("i.i.d. accuracy (mean over test domains)")
+    ax.set_ylabel("o.o.d. accuracy (mean over test domains)")
+    ax.legend(fontsize=7, markerscale=3)
+    return save(fig, points, out_dir, name)

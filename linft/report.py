@@ -25,6 +25,10 @@ def make_figures(root, out_dir) -> list[Path]:
         paths += plots.accuracy_by_mode(acc[acc["model"] == "current"], out_dir)
         if acc["p"].nunique() > 1:
             paths += plots.ood_vs_dropout(acc, out_dir)
+        cloud = collect.hparam_clouds(acc[acc["model"] == "current"])
+        if len(cloud) > cloud["method"].nunique():  # more than one point per method
+            prov = acc.drop_duplicates("dataset")[["dataset", "backbone", "seed"]]
+            paths += plots.clouds(cloud.merge(prov, on="dataset"), out_dir)
     from linft import plots_analysis
     paths += plots_analysis.make_all(df, out_dir)
     return paths

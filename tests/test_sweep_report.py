@@ -85,3 +85,15 @@ def test_demo_configs_are_the_documented_study():
     assert sorted({c.n_per_domain for c in cfgs.values() if c.p == 0.9 and c.mode == "tail"}) == [100, 300, 800]
     assert all(c.backbone == "efficientnet_lite0.in1k" and c.dataset == "Digits" for c in cfgs.values())
     assert len({c.run_id for c in cfgs.values()}) == len(cfgs)
+
+
+def test_hparam_clouds_count_every_combination():
+    import pandas as pd
+    from linft.collect import hparam_clouds
+    rows = [dict(dataset="D", method="m", test_env=e, lr=lr, weight_decay=wd, seed=s,
+                 iid_acc=0.5 + 0.1 * i, ood_acc=0.1 * i + (e == "B") * 0.2)
+            for e in ("A", "B") for i, (lr, wd) in enumerate([(1, 1), (1, 2), (2, 1)]) for s in (0, 1)]
+    pts = hparam_clouds(pd.DataFrame(rows))
+    assert len(pts) == 3 ** 2
+    best = pts["ood_acc"].max()
+    assert abs(best - (0.2 + 0.4) / 2) < 1e-12  # best setting in each domain: 0.2 (A) and 0.4 (B)
