@@ -227,21 +227,7 @@ def train(cfg: RunConfig, root: str | Path) -> RunDir:
 
 def restore_run(path: str | Path, weights: str = "trainable") -> Trainer:
     """A finished run's Trainer with its final weights loaded (``weights``: "trainable" or
-    "traj_avg"), ready for evaluation or analysis; nothing in the run folder is modified."""
-    import json
-
-    from linft.errors import LinftError
-    from linft.store import load_checkpoint
-    path = Path(path)
-    if not (path / "config.json").is_file() or not (path / "final.pt").is_file():
-        raise LinftError(f"{path} is not a finished linft run (needs config.json and final.pt)")
-    cfg = RunConfig.from_dict(json.loads((path / "config.json").read_text()))
-    trainer = Trainer(cfg, path.parent)
-    finalize_trainable(trainer.pipe, cfg)
-    final = load_checkpoint(path / "final.pt")
-    state = final["trainable"]
-    if weights == "traj_avg":
-        state = {**state, **final["traj_avg"]}
-    trainer.pipe.trainable.load_state_dict(state)
-    trainer.pipe.trainable.eval()
-    return trainer
+    "traj_avg"), ready for evaluation; nothing in the run folder is modified. One rebuild path for
+    every reader of finished runs: :func:`linft.analyze.load_run`."""
+    from linft.analyze import load_run
+    return load_run(path, weights, device="auto").trainer
