@@ -121,10 +121,14 @@ def time_rows(tail_name: str, rounds: int, steps: int):
     return times, {r: made[r][1] for r in ROWS}, peaks, res, tuple(feats.shape[1:])
 
 
-def cpu_peak(tail_name: str, row: str) -> int:
-    """ru_maxrss growth (bytes) of running ``row`` in a fresh process, over its common setup."""
-    out = subprocess.run([sys.executable, __file__, "--mem", tail_name, row], capture_output=True, text=True,
-                         check=True)
+def cpu_peak(tail_name: str, row: str, shape: str = "cpu") -> int:
+    """Peak RSS growth (bytes) of running ``row`` in a fresh process over its common setup, plus the
+    tail's own parameters (they exist in every row: trained in 'std', the expansion source otherwise)."""
+    # every allocation over 64 KiB gets its own mapping, returned to the OS when freed: RSS then tracks
+    # live tensor bytes (glibc's default keeps freed heap, so fragmentation would inflate the peak)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, __file__, "--mem", tail_name, row, shape], capture_output=True,
+                         text=True, check=True, env=env)
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -133,21 +137,31 @@ def _status_kib(key: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
-def _mem_child(tail_name: str, row: str) -> None:
-    """Peak RSS while building the row's state (linearized copy, cache) and running 3 steps, minus the
-    RSS before: freed heap is returned to the OS (malloc_trim) and the high-water mark reset
-    (/proc/self/clear_refs "5") after the common setup, so the setup's own peak does not hide it."""
+def _mem_child(tail_name: str, row: str, shape: str = "cpu") -> None:
+    """Peak memory of 3 training steps of ``row``, everything the step holds included: the tail's
+    parameters (for linearized rows: theta and theta0; the source module is released, as the trainer
+    does), gradients, momentum, the primal cache if any, activations and temporaries. Measured as the
+    RSS high-water mark over the steps (reset via /proc/self/clear_refs "5" after building the row,
+    so one-off construction peaks are not counted) minus the RSS before the tail existed."""
     torch.set_num_threads(2)
+    global B, N
+    if shape == "gpu":  # the issue's GPU shape (224 px, batch 128), measured on the CPU allocator
+        B, N = 128, 128
+        TAILS[tail_name] = TAILS[tail_name][:2] + (TAILS[tail_name][3],) * 2
     th, feats, labels, _ = setup(tail_name)
+    param_bytes = sum(p.numel() * p.element_size() for p in th.parameters())
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base = _status_kib("VmRSS") * 1024 - param_bytes  # as if the tail did not exist yet
+    step, _ = make_step(row, th, feats, labels)
+    del th  # linearized rows hold their own copies; 'std' keeps its module through the step closure
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = _status_kib("VmRSS")
-    step, _ = make_step(row, th, feats, labels)
     for _ in range(3):
         step()
-    print((_status_kib("VmHWM") - base) * 1024)
+    print(_status_kib("VmHWM") * 1024 - base)
 
 
 def main(tails=tuple(TAILS)) -> None:
@@ -187,7 +201,7 @@ def main(tails=tuple(TAILS)) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--mem":
-        _mem_child(sys.argv[2], sys.argv[3])
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--mem":
+        _mem_child(*sys.argv[2:])
     else:  # optional arguments: a subset of the tails, e.g. resnet50_layer4
         main(tuple(sys.argv[1:]) or tuple(TAILS))

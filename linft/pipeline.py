@@ -15,7 +15,7 @@ BatchNorm is frozen everywhere (the "frozen" policy, recorded in the config).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -93,3 +93,5 @@ def finalize_trainable(pipe: Pipeline, cfg: RunConfig) -> None:
         device = next(pipe.trainable.parameters()).device
         pipe.trainable = linearize(pipe.trainable, engine=cfg.lin_engine).to(device)
         pipe.head = pipe.trainable.get_submodule("1")
+        # release the source tail + head (theta0 lives in the linearized module): one parameter copy less
+        pipe.split = replace(pipe.split, tail=pipe.trainable.get_submodule("0"), head=pipe.head)

@@ -1,4 +1,6 @@
 """The one-pass (primal, tangent) engine against the torch.func.jvp reference (float64)."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -91,6 +93,7 @@ def test_layers_zoo_matches_jvp():
         nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4, bias=False),
         nn.BatchNorm2d(8, affine=False), nn.Hardtanh(-0.5, 0.7),
         nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect", groups=8),
+        nn.Conv2d(8, 8, 3, padding="same", bias=False),
         nn.Dropout(0.3), nn.AvgPool2d(2), nn.Identity(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3),
     ).double()
@@ -177,3 +180,99 @@ def test_primal_cache_matches_jvp(block):
     idx = torch.arange(4)
     assert rel(half.taylor_terms(idx)[1], lj.taylor_terms(h)[1]) < 5e-3
     assert rel(half(idx), lj(h)) < 5e-3
+
+
+@pytest.mark.parametrize("stride,padding,dilation,groups", [(1, 1, 1, 1), (2, 0, 1, 2), (1, 2, 2, 4)])
+def test_fused_conv_tangent_gradients_are_exact(stride, padding, dilation, groups):
+    """conv(dx, W0) + conv(h, dW) as one autograd node: float64 gradcheck against finite differences."""
+    from linft.core.tangent_rules import _ConvTangent
+    torch.manual_seed(0)
+    dx = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    w0 = torch.randn(8, 4 // groups, 3, 3, dtype=torch.float64)
+    dw = torch.randn(8, 4 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+    conf = ((stride, stride), (padding, padding), (dilation, dilation), groups)
+    assert torch.autograd.gradcheck(lambda a, b: _ConvTangent.apply(a, h, w0, b, conf), (dx, dw))
+    # channels_last operands, and each operand alone (frozen weight: dW = None; constant input: dx = None)
+    cl = dx.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _ConvTangent.apply(a, h, w0, b, conf), (cl, dw))
+    assert torch.autograd.gradcheck(lambda a: _ConvTangent.apply(a, None, w0, None, conf), (dx,))
+    assert torch.autograd.gradcheck(lambda b: _ConvTangent.apply(None, h, w0, b, conf), (dw,))
+
+
+def test_tangent_stream_keeps_no_differentiable_tensor_for_backward():
+    """Memory: the backward of the one-pass engine needs primal activations (h, BN xhat, ReLU masks)
+    and theta0 only; keeping a tangent activation or a theta - theta0 would double the saved bytes."""
+    s, h = tiny_split("bottleneck")
+    lo = linearize(s.tail_head().double(), engine="onepass").train()
+    perturb(lo)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = lo(h)
+    assert saved and not [tuple(t.shape) for t in saved if t.requires_grad]
+    params = [p for p in lo.parameters()]
+    grads = torch.autograd.grad(out.square().sum(), params)
+    assert all(g is not None for g in grads)
+
+
+def test_onepass_under_cpu_autocast_is_close_to_fp32():
+    """The fused conv casts to the autocast dtype like autocast would (the CUDA bf16 path's logic)."""
+    s, h = tiny_split("bottleneck")
+    lo = linearize(s.tail_head().float(), engine="onepass").eval()
+    perturb(lo, scale=0.05)
+    x = h.float()
+    ref = lo(x)
+    g_ref = torch.autograd.grad(ref.square().sum(), list(lo.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lo(x)
+    assert out.dtype == torch.bfloat16 or out.dtype == torch.float32
+    assert rel(out.float(), ref) < 5e-2
+    g = torch.autograd.grad(out.float().square().sum(), list(lo.parameters()))
+    assert all(p.dtype == torch.float32 for p in g)
+    assert rel(torch.cat([a.flatten() for a in g]), torch.cat([b.flatten() for b in g_ref])) < 5e-2
+
+
+def test_in_place_primal_ops_never_touch_inputs_or_cached_values():
+    """In-place ReLU (declared inplace) and BN-after-conv save activation-sized temporaries; the pass's
+    input, and values the primal cache recorded (a dropout's input), must stay intact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.ReLU(inplace=True), nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+        nn.Conv2d(6, 6, 3, padding=1), nn.Dropout(0.2), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+        nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4, affine=False), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(4, 3)).double()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    freeze_batchnorm(net)
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    x_copy = x.clone()
+    ref = copy.deepcopy(net)  # jvp cannot run in-place ops on its captured input: reference without them
+    for m in ref.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    lj, lo = linearize(ref), linearize(net, engine="onepass")
+    perturb(lj, lo)
+    for mode in (True, False):
+        lj.train(mode), lo.train(mode)
+        torch.manual_seed(7)
+        yj = lj(x)
+        torch.manual_seed(7)
+        yo = lo(x)
+        assert rel(yo, yj) < TOL and torch.equal(x, x_copy)
+        for a, b in zip(torch.autograd.grad(yo.square().sum(), list(lo.parameters())),
+                        torch.autograd.grad(yj.square().sum(), list(lj.parameters()))):
+            assert rel(a, b) < TOL
+    cache = build_primal_cache(lo, x, batch_size=2)
+    assert torch.equal(x, x_copy)
+    lj.train(), lo.train()
+    idx = torch.tensor([4, 1, 0])
+    torch.manual_seed(9)
+    yc = cache(idx)
+    torch.manual_seed(9)
+    assert rel(yc, lj(x[idx])) < TOL

@@ -24,7 +24,8 @@ default init, what :class:`~linft.core.heads.DropoutHead` does) or a linear-prob
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -49,6 +50,22 @@ class _ParamStore(nn.Module):
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {name.replace(_SEP, "."): b for name, b in self._buffers.items()}
+
+
+class LazyDelta(Mapping):
+    """``{name: theta[name] - theta0[name]}``, each difference computed (differentiably) when read."""
+
+    def __init__(self, theta: Mapping[str, torch.Tensor], theta0: Mapping[str, torch.Tensor]):
+        self._theta, self._theta0 = theta, theta0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._theta[name] - self._theta0[name]
+
+    def __iter__(self):
+        return iter(self._theta)
+
+    def __len__(self) -> int:
+        return len(self._theta)
 
 
 class LinearizedModule(nn.Module):
@@ -113,6 +130,11 @@ class LinearizedModule(nn.Module):
         t0 = self.theta0.as_dict()
         return {n: p - t0[n] for n, p in self.theta().items()}
 
+    def lazy_delta(self) -> "LazyDelta":
+        """theta - theta0 as a mapping that computes each entry when it is read (the one-pass engine
+        reads each once, so no parameter-sized difference outlives the layer that uses it)."""
+        return LazyDelta(self.theta(), self.theta0.as_dict())
+
     def _constants(self) -> dict[str, torch.Tensor]:
         consts = {n: b for n, b in self.named_buffers() if not n.startswith("theta0.")}
         consts.update({n: p for n, p in self.named_parameters() if n not in self._linear_names})
@@ -132,7 +154,7 @@ class LinearizedModule(nn.Module):
         if self.engine == "onepass":
             if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
                 raise LinearizationError("engine='onepass' takes one tensor input; use engine='jvp'")
-            return onepass_terms(self._shell, args[0], self.theta0.as_dict(), self.delta())
+            return onepass_terms(self._shell, args[0], self.theta0.as_dict(), self.lazy_delta())
         consts = self._constants()
         theta0 = self.theta0.as_dict()
 

@@ -47,6 +47,10 @@ class _Ctx:
         self.x, self.cache, self.idx = x, cache, idx
         self.entries: list = []
         self.pos = 0
+        # the (primal, tangent) a convolution rule just created: the next rule may overwrite them in
+        # place (a convolution's output feeds only the module after it in every container rule)
+        self.fresh: tuple = (None, None)
+        self.incoming: tuple = (None, None)
 
     @property
     def recording(self) -> bool:
@@ -101,7 +105,7 @@ def onepass_terms(module: nn.Module, x: torch.Tensor, params0: Mapping[str, torc
     primal carries no graph.
     """
     _check_params(params0, deltas)
-    ctx = _Ctx(params0, deltas)
+    ctx = _Ctx(params0, deltas, x=x)  # x: the caller's tensor, never modified in place
     y0, dy = rule_for(module)(module, "", x, None, ctx)
     return y0, (torch.zeros_like(y0) if dy is None else dy)
 
@@ -156,7 +160,7 @@ class PrimalCache:
         """``(f(x; theta0), J (theta - theta0))`` for ``x = inputs[idx]`` (idx: index tensor or slice)."""
         lin = self.lin
         lin._check_batchnorm()
-        params0, deltas = lin.theta0.as_dict(), lin.delta()
+        params0, deltas = lin.theta0.as_dict(), lin.lazy_delta()
         ctx = _Ctx(params0, deltas, mode="replay", cache=self, idx=idx)
         y0, dy = rule_for(lin._shell)(lin._shell, "", None, None, ctx)
         f0 = ctx.need(y0 is not None, lambda: y0)  # the cached output when nothing downstream is stochastic
