@@ -11,8 +11,10 @@ every row). Timing: warm-up, then R rounds; each round times S steps of every ro
 (interleaved, so machine noise hits all rows alike); the median over rounds is reported.
 Ratios: median over rounds of (row time / std time in the same round), robust to bursts of machine
 noise. Peak memory: CUDA max_memory_allocated; on CPU each row runs again in a fresh subprocess and
-the peak RSS growth over its common setup is reported (Linux: VmHWM after reset via clear_refs;
-it includes the linearized copy of the parameters and theta0, and the cache; cache bytes also apart).
+the RSS high-water mark of 3 steps is reported, with the tail's parameters counted in every row (the
+linearized rows hold theta and theta0 and release the source module), glibc set to map every large
+allocation so that RSS follows live bytes. On CPU the ResNet50 rows are also measured at the issue's
+GPU shape (224 px, batch 128), where activations rather than parameters dominate.
 Prints one JSON line per measurement, then a table.
 Usage: python benchmarks/linearize_step.py [resnet50_layer4] [lite0_k3]
 """
@@ -121,7 +123,7 @@ def time_rows(tail_name: str, rounds: int, steps: int):
     return times, {r: made[r][1] for r in ROWS}, peaks, res, tuple(feats.shape[1:])
 
 
-def cpu_peak(tail_name: str, row: str, shape: str = "cpu") -> int:
+def cpu_peak(tail_name: str, row: str, shape: str = "cpu") -> tuple[int, int]:
     """Peak RSS growth (bytes) of running ``row`` in a fresh process over its common setup, plus the
     tail's own parameters (they exist in every row: trained in 'std', the expansion source otherwise)."""
     # every allocation over 64 KiB gets its own mapping, returned to the OS when freed: RSS then tracks
@@ -129,7 +131,8 @@ def cpu_peak(tail_name: str, row: str, shape: str = "cpu") -> int:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, __file__, "--mem", tail_name, row, shape], capture_output=True,
                          text=True, check=True, env=env)
-    return int(out.stdout.strip().splitlines()[-1])
+    total, cache = out.stdout.strip().splitlines()[-1].split()
+    return int(total), int(cache)
 
 
 def _status_kib(key: str) -> int:
@@ -153,7 +156,7 @@ def _mem_child(tail_name: str, row: str, shape: str = "cpu") -> None:
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     base = _status_kib("VmRSS") * 1024 - param_bytes  # as if the tail did not exist yet
-    step, _ = make_step(row, th, feats, labels)
+    step, info = make_step(row, th, feats, labels)
     del th  # linearized rows hold their own copies; 'std' keeps its module through the step closure
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -161,7 +164,20 @@ def _mem_child(tail_name: str, row: str, shape: str = "cpu") -> None:
         f.write("5")
     for _ in range(3):
         step()
-    print(_status_kib("VmHWM") * 1024 - base)
+    print(_status_kib("VmHWM") * 1024 - base, info.get("cache_bytes", 0))
+
+
+def gpu_shape_memory(tail_name: str = "resnet50_layer4") -> None:
+    """Peak memory at the issue's GPU shape (224 px, batch 128), measured on the CPU allocator: what
+    activations cost there (at the reduced CPU shape parameter-sized state dominates)."""
+    res = {r: cpu_peak(tail_name, r, "gpu") for r in ROWS}
+    std = res["std"][0]
+    for r in ROWS:
+        total, cache = res[r]
+        rec = dict(kind="bench_mem", tail=tail_name, row=r, shape="224px_batch128", device="cpu allocator",
+                   peak_mib=round(total / 2**20, 1), mem_ratio=round(total / std, 3),
+                   cache_mib=round(cache / 2**20, 1), mem_ratio_without_cache=round((total - cache) / std, 3))
+        print(json.dumps(rec), flush=True)
 
 
 def main(tails=tuple(TAILS)) -> None:
@@ -176,7 +192,7 @@ def main(tails=tuple(TAILS)) -> None:
         steps = (2 if "resnet" in tail_name else 6) if CPU else 20
         times, infos, peaks, res, fshape = time_rows(tail_name, rounds, steps)
         if CPU:
-            peaks = {r: cpu_peak(tail_name, r) for r in ROWS}
+            peaks = {r: cpu_peak(tail_name, r)[0] for r in ROWS}
         med = {r: statistics.median(v) for r, v in times.items()}
         for r in ROWS:
             rec = dict(kind="bench", tail=tail_name, row=r, device=device, torch=torch.__version__, batch=B, p=P,
@@ -188,7 +204,9 @@ def main(tails=tuple(TAILS)) -> None:
                        **infos[r])
             print(json.dumps(rec), flush=True)
             table.append(rec)
-    mem = "peak mem (CUDA max allocated)" if not CPU else "peak RSS growth, fresh process"
+    if CPU and "resnet50_layer4" in tails:
+        gpu_shape_memory()
+    mem = "peak mem (CUDA max allocated)" if not CPU else "peak RSS of the step, fresh process"
     print(f"\n{device}, torch {torch.__version__}, batch {B}, p={P}, SGD momentum; "
           f"{'CPU: reduced resolution, ' if CPU else ''}memory: {mem}")
     print(f"{'tail':<16} {'res':>4} {'input':<14} {'row':<8} {'ms/step':>9} {'ratio':>6} {'(min)':>6} "

@@ -20,6 +20,7 @@ from linft.errors import ConfigError
 MODES = ("full", "tail", "linear", "unfolded", "probe", "scratch")
 HEAD_INIT_CHOICES = ("random", "probe")
 BN_POLICIES = ("frozen",)
+LOADERS = ("pil", "device")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class RunConfig:
     resolution: int = 0                 # 0: the backbone's native resolution
     augment: bool = True                # DomainBed's train augmentation (excludes the feature cache)
     feature_cache: bool = False         # tail/linear/unfolded/probe: read frozen-trunk features from disk
+    loader: str = "pil"                 # "pil": DomainBed's PIL/torchvision loader; "device": decoded-once
+                                        # uint8 store + batched augmentation on the run's device (GPU speed)
     holdout: float = 0.2                # fraction of every domain held out (the "out" split)
     n_per_domain: int = 0               # 0: all; else a nested per-domain subsample of the "in" split
     dataset_limit: int = 0              # MNIST-derived sets: 0 all images, else the first N of the shuffle
@@ -64,6 +67,9 @@ class RunConfig:
     checkpoint_every: int = field(default=0, metadata={"semantic": False})  # 0: at every evaluation
     # how the Taylor model is computed (same values to float precision, so not semantic)
     lin_engine: str = field(default="onepass", metadata={"semantic": False})
+    # mode "linear" on cached features: keep the primal activations at theta0 per training example
+    # (a step then costs ~4/3 instead of 5/3 of a standard one; memory grows with the data set)
+    lin_primal_cache: bool = field(default=False, metadata={"semantic": False})
 
     def __post_init__(self) -> None:
         for f in fields(self):  # JSON gives lists; the dataclass is frozen and hashable with tuples
@@ -160,4 +166,9 @@ def _validate(c: RunConfig) -> None:
     need(not (c.feature_cache and c.mode in ("full", "scratch")),
          f"mode {c.mode!r} trains the trunk, so it cannot read cached trunk features")
     need(not (c.mode == "probe" and c.head_init == "probe"), "mode 'probe' already trains the head alone")
+    need(c.loader in LOADERS, f"loader must be one of {LOADERS}, got {c.loader!r}")
+    need(not c.lin_primal_cache or (c.mode == "linear" and c.feature_cache and c.lin_engine == "onepass"),
+         "lin_primal_cache needs mode 'linear', feature_cache=true (fixed inputs) and lin_engine 'onepass'")
+    need(not (c.loader == "device" and c.feature_cache),
+         "loader 'device' reads images; the feature cache replaces them (use one or the other)")
     assert set(HEAD_INITS) >= {"random"}

@@ -220,6 +220,8 @@ class DistributedTrainer(Trainer):
     _predict = staticmethod(distributed_predict)
 
     def __init__(self, cfg: RunConfig, root: str | Path):
+        if cfg.lin_primal_cache:
+            raise ConfigError("lin_primal_cache runs in one process; set lin_primal_cache=false to distribute")
         super().__init__(cfg, root)
         self.rank, self.world_size = world()
         if self.rank != 0:

@@ -42,6 +42,9 @@ class RunData:
                 weights=module_hash(pipe.pre), split=f"k={cfg.k}", resolution=res, mean=spec.mean, std=spec.std)
             pipe.pre = torch.nn.Identity()
             self.train_tf = self.eval_tf = None
+        elif cfg.loader == "device":
+            self._attach_device(spec, res)
+            return
         else:
             self.inputs = self.dataset
             self.train_tf = transforms_for(spec, res, augment=cfg.augment)
@@ -49,16 +52,72 @@ class RunData:
         self.eval_loaders = eval_loaders(self.inputs, self.splits, self.eval_tf, batch_size=256,
                                          num_workers=cfg.workers)
 
+    def _attach_device(self, spec, res: int) -> None:
+        """loader="device": every domain decoded once into a uint8 store (S = 1.14 res, memory-mapped,
+        on the GPU when it fits), DomainBed's augmentation applied to whole batches on the device."""
+        from linft.data.gpu_augment import DeviceAugment, DeviceEval
+        from linft.data.uint8_store import Uint8StoreCache, store_environments
+        cache_dir = Path(self.cfg.cache_dir or Path(self.cfg.data_root or ".") / ".linft_cache").expanduser()
+        self.stores = store_environments(Uint8StoreCache(cache_dir / "uint8"), self.dataset, res)
+        self.inputs, self.train_tf = self.dataset, None
+        cl = self.device.type == "cuda" and self.cfg.mode in ("full", "scratch")
+        aug = DeviceAugment if self.cfg.augment else DeviceEval
+        self.device_tf = aug(spec.mean, spec.std, res, channels_last=cl)
+        self.eval_tf = DeviceEval(spec.mean, spec.std, res, channels_last=cl)
+        self.eval_loaders = {}
+        for s in self.splits:
+            images, labels = self.stores[s.env].tensors(self.device)
+            for split in ("in", "out"):
+                idx = s.indices(split)
+                if len(idx):
+                    self.eval_loaders[(s.env, split)] = DeviceSplit(images, labels, idx, 256, self.eval_tf,
+                                                                    self.device)
+
     def train_batches(self, start: int, stream: str = "train") -> Iterator[list]:
         """One list of ``(x, y)`` per step (one entry per training domain), starting at step ``start``.
 
         Step ``t``'s examples depend only on (seed, stream, domain, t): resuming is exact."""
-        loaders = train_loaders(self.inputs, self.splits, self.train_tf, batch_size=self.cfg.batch_size,
-                                seed=derive_seed(stream, self.cfg.seed), num_workers=self.cfg.workers,
-                                start_step=start)
+        if self.cfg.loader == "device" and not self.cfg.feature_cache:
+            from linft.data.gpu_augment import device_train_sources
+            if self.shard is not None:
+                from linft.errors import ConfigError
+                raise ConfigError("loader 'device' runs in one process; use loader 'pil' with several")
+            loaders = device_train_sources(self.stores, self.splits, self.device_tf, batch_size=self.cfg.batch_size,
+                                           seed=derive_seed(stream, self.cfg.seed), start_step=start,
+                                           device=self.device)
+        else:
+            loaders = train_loaders(self.inputs, self.splits, self.train_tf, batch_size=self.cfg.batch_size,
+                                    seed=derive_seed(stream, self.cfg.seed), num_workers=self.cfg.workers,
+                                    start_step=start)
         if self.shard is not None and stream == "train":  # [distributed]
             from linft.distributed import shard_loaders
             loaders = shard_loaders(loaders, *self.shard)
         iters = [iter(loader) for loader in loaders]
         while True:
             yield [next(it) for it in iters]
+
+    def train_index_batches(self, start: int, stream: str = "train") -> Iterator[list[torch.Tensor]]:
+        """The examples of :meth:`train_batches` without loading them: per step, one int64 tensor of
+        environment-local indices per training domain (the same samplers, hence the same stream)."""
+        loaders = train_loaders(self.inputs, self.splits, None, batch_size=self.cfg.batch_size,
+                                seed=derive_seed(stream, self.cfg.seed), start_step=start)
+        iters = [iter(loader.sampler) for loader in loaders]
+        while True:
+            yield [torch.tensor([i for i, _ in next(it)], dtype=torch.int64) for it in iters]
+
+
+class DeviceSplit:
+    """Ordered eval batches ``(x, y)`` of one split from a uint8 store, transformed on ``device``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices, batch_size: int, transform, device):
+        self.images, self.labels, self.transform, self.device = images, labels, transform, device
+        self.indices, self.batch_size = torch.as_tensor(indices, dtype=torch.int64), batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            idx = self.indices[start:start + self.batch_size]
+            x = self.images.index_select(0, idx.to(self.images.device)).to(self.device, non_blocking=True)
+            yield self.transform(x), self.labels.index_select(0, idx.to(self.labels.device))

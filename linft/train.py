@@ -55,6 +55,42 @@ class Trainer:
         self.data.attach(self.pipe)
         self.avg = TrajectoryAverage(cfg.traj_start)
         self.ens = TrajectoryEnsemble(cfg.traj_start)
+        self.primal = None  # lin_primal_cache: PrimalCache over the training examples
+
+    def _attach_primal_cache(self) -> None:
+        """Cache the primal stream at theta0 for every training example ("in" splits of the
+        training domains, concatenated); steps then replay it (same examples, same dropout masks)."""
+        import numpy as np
+
+        from linft.core.tangent import build_primal_cache
+        feats, labels, self._primal_rows = [], [], []
+        offset = 0
+        for s in self.data.splits:
+            if s.role != "train":
+                continue
+            env = self.data.inputs[s.env]
+            rows = np.full(len(env), -1, dtype=np.int64)
+            rows[s.in_idx] = offset + np.arange(len(s.in_idx))
+            offset += len(s.in_idx)
+            self._primal_rows.append(torch.from_numpy(rows))
+            feats.append(torch.from_numpy(np.asarray(env.features[s.in_idx], dtype=np.float32)))
+            labels.append(torch.from_numpy(np.asarray(env.labels[s.in_idx], dtype=np.int64)))
+        inputs = torch.cat(feats).to(self.device)
+        self._primal_labels = torch.cat(labels).to(self.device)
+        if self.device.type == "cuda":
+            budget = 0.5 * torch.cuda.mem_get_info(self.device)[0]
+        else:  # half the memory the OS calls available (Linux)
+            budget = 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        from linft.errors import ConfigError, LinearizationError
+        try:
+            self.primal = build_primal_cache(self.pipe.trainable, inputs, max_bytes=budget)
+        except LinearizationError as e:
+            raise ConfigError(f"{e}: set lin_primal_cache=false (or use fewer examples)") from None
+
+    def _primal_stream(self, start: int):
+        for idx in self.data.train_index_batches(start, stream="train"):
+            rows = torch.cat([r[i] for r, i in zip(self._primal_rows, idx)]).to(self.device)
+            yield [(rows, self._primal_labels[rows])]
 
     # [distributed] hooks that linft.distributed.DistributedTrainer overrides (one process: as is)
     _predict = staticmethod(predict)
@@ -67,6 +103,9 @@ class Trainer:
 
     # -- one optimisation step ---------------------------------------------------------------
     def _loss(self, module: nn.Module, batches) -> torch.Tensor:
+        if self.primal is not None and module is self.pipe.trainable:  # batches: [(rows, y)]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                return F.cross_entropy(self.primal(batches[0][0]).float(), batches[0][1])
         x = torch.cat([b[0] for b in batches]).to(self.device, non_blocking=True)
         y = torch.cat([b[1] for b in batches]).to(self.device, non_blocking=True)
         if self.cfg.mode in ("full", "scratch") and self.device.type == "cuda":
@@ -165,7 +204,11 @@ class Trainer:
             rd.failed and (rd.path / "failed").unlink()
             rd.append_rows(self._evaluate(0))
             self._save(0, opt, sched)
-        stream = self.data.train_batches(start=step, stream="train")
+        if cfg.lin_primal_cache:
+            self._attach_primal_cache()
+            stream = self._primal_stream(step)
+        else:
+            stream = self.data.train_batches(start=step, stream="train")
         bar = _progress(cfg, step)
         t0, n_img = time.perf_counter(), 0
         while step < cfg.steps:

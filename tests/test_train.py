@@ -156,3 +156,61 @@ def test_soups_across_runs(data_root, tmp_path):
     for r in same:
         if r["metric"] == "acc":
             assert r["value"] == last[(r["env"], r["split"])], r
+
+
+def test_device_loader_trains_resumes_and_evaluates_like_pil(data_root, tmp_path):
+    """loader="device": uint8 store + batched augmentation. Step t's batch depends on (seed, t) only
+    (resume is exact); without augmentation the eval inputs match the PIL eval transform closely."""
+    from linft.run_data import RunData
+    from linft.pipeline import build_pipeline
+    cfg = tiny(data_root, mode="full", loader="device", cache_dir=str(tmp_path / "cache"))
+    data = RunData(cfg, torch.device("cpu"))
+    pipe = build_pipeline(cfg, data.num_classes, torch.device("cpu"))
+    data.attach(pipe)
+    stream = data.train_batches(start=0)
+    first = [next(stream) for _ in range(3)]
+    resumed = next(data.train_batches(start=2))
+    assert len(resumed) == 3  # one batch per training domain
+    for (xa, ya), (xb, yb) in zip(first[2], resumed):
+        assert xa.shape == (4, 3, 16, 16) and torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(first[0][0][0], first[1][0][0])
+    # eval batches: same examples and labels as the PIL loader, images within resize rounding
+    pil = RunData(cfg.replace(loader="pil"), torch.device("cpu"))
+    pil.attach(build_pipeline(cfg, pil.num_classes, torch.device("cpu")))
+    assert data.eval_loaders.keys() == pil.eval_loaders.keys()
+    key = ("P", "out")
+    xd, yd = next(iter(data.eval_loaders[key]))
+    xp, yp = next(iter(pil.eval_loaders[key]))
+    assert torch.equal(yd, yp) and xd.shape == xp.shape
+    assert (xd - xp).abs().mean() < 0.15  # two bilinear resizes (S = 18 -> 16) vs one, in normalised units
+    rd = train(cfg, tmp_path / "runs")
+    assert rd.done and {r["env"] for r in rd.read_rows() if r["kind"] == "eval"} == {"A", "C", "P", "S"}
+    with pytest.raises(ConfigError):
+        tiny(data_root, mode="tail", loader="device", feature_cache=True, augment=False)
+    with pytest.raises(ConfigError):
+        tiny(data_root, loader="dali")
+
+
+def test_primal_cache_run_equals_plain_linear_run(data_root, tmp_path):
+    """lin_primal_cache replays the primal stream at theta0 per example: same examples, same dropout
+    masks, so the run is the plain linear run up to float rounding (it is the same run id)."""
+    base = tiny(data_root, mode="linear", feature_cache=True, augment=False, p=0.5,
+                cache_dir=str(tmp_path / "cache"))
+    plain = train(base, tmp_path / "plain")
+    cached = train(base.replace(lin_primal_cache=True), tmp_path / "cached")
+    assert base.run_id == base.replace(lin_primal_cache=True).run_id
+    ra = {(r["kind"], r.get("env"), r.get("split"), r.get("model"), r["step"], r["metric"]): r["value"]
+          for r in rows_of(plain) if "step" in r}
+    rb = {(r["kind"], r.get("env"), r.get("split"), r.get("model"), r["step"], r["metric"]): r["value"]
+          for r in rows_of(cached) if "step" in r}
+    assert ra.keys() == rb.keys() and len(ra) > 20
+    assert max(abs(ra[k] - rb[k]) for k in ra) < 1e-4
+    wa = load_checkpoint(plain.final_path)["trainable"]
+    wb = load_checkpoint(cached.final_path)["trainable"]
+    moved = max((wa[n] - wa["theta0." + n.replace(".", ":")]).abs().max().item()
+                for n in wa if not n.startswith("theta0.") and "theta0." + n.replace(".", ":") in wa)
+    assert moved > 1e-3  # the runs trained
+    for n in wa:
+        assert torch.allclose(wa[n], wb[n], rtol=1e-4, atol=1e-6), n
+    with pytest.raises(ConfigError):
+        tiny(data_root, mode="tail", feature_cache=True, augment=False, lin_primal_cache=True)

@@ -186,12 +186,13 @@ def _alloc(e, n: int, store_dtype: torch.dtype | None):
 
 @torch.no_grad()
 def build_primal_cache(lin, inputs: torch.Tensor, store_dtype: torch.dtype | None = None,
-                       batch_size: int = 256) -> PrimalCache:
+                       batch_size: int = 256, max_bytes: float | None = None) -> PrimalCache:
     """Run the primal stream of the LinearizedModule ``lin`` at theta0 over ``inputs`` [N, ...] once
     (in chunks of ``batch_size``, dropout off) and keep what its tangent stream needs.
 
     ``store_dtype`` (e.g. ``torch.float16``) stores the cached floats at lower precision (masks are
     bool; the inputs are referenced, never copied or rounded); they are cast back per step.
+    ``max_bytes``: refuse (LinearizationError, before allocating) a cache that would be larger.
     """
     lin._check_batchnorm()
     shell, params0 = lin._shell, lin.theta0.as_dict()
@@ -205,6 +206,11 @@ def build_primal_cache(lin, inputs: torch.Tensor, store_dtype: torch.dtype | Non
             y0, _ = rule_for(shell)(shell, "", x, None, ctx)
             ctx.need(True, lambda: y0)
             if store is None:
+                need = n * sum(_alloc(e, 1, store_dtype).nbytes for e in ctx.entries if isinstance(e, torch.Tensor))
+                if max_bytes is not None and need > max_bytes:
+                    raise LinearizationError(
+                        f"the primal cache needs {need / 2**30:.2f} GiB for {n} examples "
+                        f"({need / n / 2**20:.2f} MiB each), more than the {max_bytes / 2**30:.2f} GiB allowed")
                 store = [_alloc(e, n, store_dtype) for e in ctx.entries]
             for s, e in zip(store, ctx.entries):
                 if isinstance(s, torch.Tensor):
