@@ -21,11 +21,13 @@ SCRIPTS = {
     "data_loader.py": (["--images-per-class", "8", "--steps", "3", "--batches", "3"], [], ("value",)),
     "loop_throughput.py": (["--quick"], [], ("throughput_vs_compute",)),
     "multirun.py": (["--quick"], [], ("throughput_vs_sequential",)),
+    "trainer_throughput.py": (["--quick"], [], ("ratio",)),
 }
 
 
 def _label(rec: dict) -> str:
-    parts = [rec.get(k) for k in ("bench", "name", "tail", "row", "variant", "num_workers") if rec.get(k) is not None]
+    parts = [rec.get(k) for k in ("bench", "name", "tail", "group", "row", "variant", "num_workers")
+             if rec.get(k) is not None]
     return "/".join(str(p) for p in parts)
 
 

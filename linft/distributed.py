@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader
 
 from linft.config import RunConfig
 from linft.errors import ConfigError
-from linft.evaluate import predict
+from linft.evaluate import channels_last, predict
 from linft.store import RunDir
 from linft.train import Trainer
 
@@ -236,8 +236,7 @@ class DistributedTrainer(Trainer):
         x = torch.cat([b[0] for b in batches]).to(self.device, non_blocking=True)
         y = torch.cat([b[1] for b in batches]).to(self.device, non_blocking=True)
         assert len(y) == len(self._rows), (len(y), len(self._rows))
-        if self.cfg.mode in ("full", "scratch") and self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             with torch.no_grad():
                 z = self.pipe.post(self.pipe.pre(x))

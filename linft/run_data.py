@@ -60,7 +60,7 @@ class RunData:
         cache_dir = Path(self.cfg.cache_dir or Path(self.cfg.data_root or ".") / ".linft_cache").expanduser()
         self.stores = store_environments(Uint8StoreCache(cache_dir / "uint8"), self.dataset, res)
         self.inputs, self.train_tf = self.dataset, None
-        cl = self.device.type == "cuda" and self.cfg.mode in ("full", "scratch")
+        cl = True  # the trainer's layout (linft.evaluate.channels_last)
         aug = DeviceAugment if self.cfg.augment else DeviceEval
         self.device_tf = aug(spec.mean, spec.std, res, channels_last=cl)
         self.eval_tf = DeviceEval(spec.mean, spec.std, res, channels_last=cl)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from linft.config import RunConfig
-from linft.evaluate import TrajectoryAverage, TrajectoryEnsemble, eval_rows, metrics, predict
+from linft.evaluate import TrajectoryAverage, TrajectoryEnsemble, channels_last, eval_rows, metrics, predict
 from linft.pipeline import Pipeline, build_pipeline, finalize_trainable
 from linft.store import RunDir, atomic_torch_save, load_checkpoint
 
@@ -52,6 +52,8 @@ class Trainer:
         self.autocast = self.device.type == "cuda"
         self.data = RunData(cfg, self.device)
         self.pipe = build_pipeline(cfg, self.data.num_classes, self.device)
+        for part in (self.pipe.pre, self.pipe.post, self.pipe.trainable):
+            part.to(memory_format=torch.channels_last)  # inputs follow (evaluate.channels_last)
         self.data.attach(self.pipe)
         self.avg = TrajectoryAverage(cfg.traj_start)
         self.ens = TrajectoryEnsemble(cfg.traj_start)
@@ -108,8 +110,7 @@ class Trainer:
                 return F.cross_entropy(self.primal(batches[0][0]).float(), batches[0][1])
         x = torch.cat([b[0] for b in batches]).to(self.device, non_blocking=True)
         y = torch.cat([b[1] for b in batches]).to(self.device, non_blocking=True)
-        if self.cfg.mode in ("full", "scratch") and self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             with torch.no_grad():
                 z = self.pipe.post(self.pipe.pre(x))
