@@ -276,3 +276,39 @@ def test_in_place_primal_ops_never_touch_inputs_or_cached_values():
     yc = cache(idx)
     torch.manual_seed(9)
     assert rel(yc, lj(x[idx])) < TOL
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
+                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_onepass_and_primal_cache_on_device_under_bf16_autocast(device):
+    """The training path as the trainer runs it (channels_last, bf16 autocast, fused conv node,
+    primal cache) on ``device``, against the float64 jvp reference on CPU."""
+    s, h = tiny_split("bottleneck", p=0.5)
+    th = s.tail_head().double()
+    ref = linearize(th)
+    perturb(ref, scale=0.05)
+    ref.eval()
+    lin = linearize(th.float(), engine="onepass").to(device).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for a, b in zip(lin.parameters(), ref.parameters()):
+            a.copy_(b)
+    lin.eval()
+    x = h.float().to(device).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(4, device=device) % 5
+    expect = ref(h)
+    g_ref = torch.autograd.grad(torch.nn.functional.cross_entropy(expect, y.cpu()), list(ref.parameters()))
+    cache = build_primal_cache(lin, x)
+    for fwd in (lambda: lin(x), lambda: cache(torch.arange(4, device=device))):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = fwd()
+            loss = torch.nn.functional.cross_entropy(out.float(), y)
+        assert rel(out.double().cpu(), expect) < 5e-2
+        g = torch.autograd.grad(loss, list(lin.parameters()))
+        flat = torch.cat([a.double().cpu().flatten() for a in g])
+        assert rel(flat, torch.cat([b.flatten() for b in g_ref])) < 5e-2
+    # float32 without autocast: the fused node and the cache agree with the reference closely
+    assert rel(lin(x).double().cpu(), expect) < 1e-4
+    assert rel(cache(torch.arange(4, device=device)).double().cpu(), expect) < 1e-4

@@ -214,3 +214,17 @@ def test_primal_cache_run_equals_plain_linear_run(data_root, tmp_path):
         assert torch.allclose(wa[n], wb[n], rtol=1e-4, atol=1e-6), n
     with pytest.raises(ConfigError):
         tiny(data_root, mode="tail", feature_cache=True, augment=False, lin_primal_cache=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_trainer_paths(data_root, tmp_path):
+    """On a GPU: bf16 autocast full fine-tuning fed by the device loader, and the linear mode with
+    the primal cache (the paths the CPU tests cover in float32)."""
+    full = train(tiny(data_root, mode="full", loader="device", device="cuda", cache_dir=str(tmp_path / "c")),
+                 tmp_path / "runs")
+    lin = train(tiny(data_root, mode="linear", feature_cache=True, augment=False, lin_primal_cache=True,
+                     device="cuda", cache_dir=str(tmp_path / "c")), tmp_path / "runs")
+    for rd in (full, lin):
+        assert rd.done
+        assert all(math.isfinite(r["value"]) for r in rd.read_rows() if r["kind"] == "eval")
