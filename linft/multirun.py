@@ -100,7 +100,11 @@ class MultiRun:
         self.template = copy.deepcopy(mods[0]).to("meta")
         params, _ = stack_module_state(mods)
         self.params = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
-        self.theta0 = {n: p.detach().clone() for n, p in params.items()} if linearized else None
+        self.theta0, theta0_dims = None, 0
+        if linearized:  # the tail's theta0 is the same pre-trained tail for all: held (and its primal
+            # stream computed, under vmap, when x is shared) once instead of K times
+            theta0_dims = {n: (None if n.startswith("tail.") else 0) for n in params}
+            self.theta0 = {n: (p[0] if theta0_dims[n] is None else p).detach().clone() for n, p in params.items()}
         self.buffers = {n: b for n, b in mods[0].named_buffers()}  # frozen BN stats: shared constants
         ref = next(iter(self.params.values()))
         self.device, self.dtype = ref.device, ref.dtype
@@ -112,10 +116,10 @@ class MultiRun:
         self.bufs: dict[str, torch.Tensor] = {}
         self.steps_done = 0
         self.gens = [torch.Generator(self.device).manual_seed(derive_seed("dropout", m.seed)) for m in members]
-        self._vf = vmap(self._lin_member if linearized else self._member, in_dims=(0, 0, 0, 0),
+        self._vf = vmap(self._lin_member if linearized else self._member, in_dims=(0, theta0_dims, 0, 0),
                         randomness="error")
-        self._vf_shared = vmap(self._lin_member if linearized else self._member, in_dims=(0, 0, None, 0),
-                               randomness="error")
+        self._vf_shared = vmap(self._lin_member if linearized else self._member,
+                               in_dims=(0, theta0_dims, None, 0), randomness="error")
 
     # -- the per-member function (vmapped) --------------------------------------------------------
     def _member(self, params, theta0, x, mask):
