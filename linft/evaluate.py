@@ -14,13 +14,13 @@ from torch.func import functional_call
 Key = tuple[str, str]  # (environment name, "in" | "out")
 
 
-@torch.no_grad()
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """Images and feature maps [B, C, H, W] in channels_last: convolutions run ~2x faster in it on
     CPU (oneDNN) and use tensor-core layouts on CUDA; the modules are converted to match."""
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+@torch.no_grad()
 def predict(pre: nn.Module, post: nn.Module, trainable: nn.Module, loader: Iterable, device: torch.device,
             params: dict[str, torch.Tensor] | None = None, autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [N, C] (float64, CPU) and labels [N] over ``loader``; ``params`` evaluates ``trainable``

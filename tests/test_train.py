@@ -228,3 +228,14 @@ def test_cuda_trainer_paths(data_root, tmp_path):
     for rd in (full, lin):
         assert rd.done
         assert all(math.isfinite(r["value"]) for r in rd.read_rows() if r["kind"] == "eval")
+
+
+def test_predict_keeps_no_graph():
+    """Evaluation runs without autograd: logits carry no graph (a graph per eval batch kept every
+    activation alive: a 20-step Digits run once peaked at 7.8 GB instead of 1.2 GB)."""
+    from linft.evaluate import predict
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    loader = [(torch.randn(5, 3, 6, 6), torch.zeros(5, dtype=torch.long)) for _ in range(2)]
+    ident = torch.nn.Identity()
+    logits, y = predict(ident, ident, net, loader, torch.device("cpu"))
+    assert logits.shape == (10, 2) and not logits.requires_grad and logits.grad_fn is None
