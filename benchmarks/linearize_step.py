@@ -32,13 +32,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _common import CPU, DEV, sync  # noqa: E402  (puts the checkout on sys.path)
 from linft.backbones import build_backbone  # noqa: E402
 from linft.core import freeze_batchnorm, linearize, split_network  # noqa: E402
 from linft.core.tangent import build_primal_cache  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-CPU = DEV == "cpu"
 B, P, NCLS = 32, 0.9, 7
 N = 4 * B  # pool of cached examples the batches are drawn from
 ROWS = ("std", "jvp", "onepass", "cached")
@@ -48,10 +46,6 @@ TAILS = {  # name: (backbone, k, resolution on CPU, on CUDA)
 }
 MEMFMT = torch.channels_last  # the faster layout for the standard step too (CPU and CUDA)
 
-
-def sync():
-    if DEV == "cuda":
-        torch.cuda.synchronize()
 
 
 def setup(tail_name: str, seed: int = 0):

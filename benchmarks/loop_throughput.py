@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,18 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _common import CPU, DEV, sync  # noqa: E402  (puts the checkout on sys.path)
 from linft.backbones import build_backbone  # noqa: E402
 from linft.data.gpu_augment import DeviceAugment, DeviceBatchSource  # noqa: E402
 from linft.data.uint8_store import store_size  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-CPU = DEV == "cpu"
 
-
-def sync():
-    if not CPU:
-        torch.cuda.synchronize()
 
 
 def main(argv=None):

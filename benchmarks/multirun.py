@@ -16,26 +16,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _common import CPU, DEV, sync  # noqa: E402  (puts the checkout on sys.path)
 from linft.backbones import build_backbone  # noqa: E402
 from linft.core import split_network  # noqa: E402
 from linft.multirun import Member, MultiRun, make_member_module  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-CPU = DEV == "cpu"
 
-
-def sync():
-    if not CPU:
-        torch.cuda.synchronize()
 
 
 def main(argv=None):

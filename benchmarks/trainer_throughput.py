@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,20 +30,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _common import CPU, DEV, sync  # noqa: E402  (puts the checkout on sys.path)
 from linft.backbones import build_backbone  # noqa: E402
 from linft.config import RunConfig  # noqa: E402
 from linft.core import freeze_batchnorm, split_network  # noqa: E402
 from linft.data.synthetic import make_image_tree  # noqa: E402
 from linft.train import train  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-CPU = DEV == "cpu"
 
-
-def sync():
-    if not CPU:
-        torch.cuda.synchronize()
 
 
 def compute_only(arch: str, res: int, batch: int, steps: int, mode: str, k: int, p: float) -> float:

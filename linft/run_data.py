@@ -36,9 +36,8 @@ class RunData:
         res = cfg.resolution or spec.resolution
         if cfg.feature_cache:
             from linft.data.feature_cache import FeatureCache, cache_environments, module_hash
-            cache_dir = Path(cfg.cache_dir or Path(cfg.data_root or ".") / ".linft_cache").expanduser()
             self.inputs = cache_environments(
-                FeatureCache(cache_dir, device=self.device), pipe.pre, self.dataset, backbone=spec.name,
+                FeatureCache(self.cache_dir, device=self.device), pipe.pre, self.dataset, backbone=spec.name,
                 weights=module_hash(pipe.pre), split=f"k={cfg.k}", resolution=res, mean=spec.mean, std=spec.std)
             pipe.pre = torch.nn.Identity()
             self.train_tf = self.eval_tf = None
@@ -55,15 +54,14 @@ class RunData:
     def _attach_device(self, spec, res: int) -> None:
         """loader="device": every domain decoded once into a uint8 store (S = 1.14 res, memory-mapped,
         on the GPU when it fits), DomainBed's augmentation applied to whole batches on the device."""
-        from linft.data.gpu_augment import DeviceAugment, DeviceEval
+        from linft.data.gpu_augment import DeviceAugment, DeviceEval, DeviceSplit
         from linft.data.uint8_store import Uint8StoreCache, store_environments
-        cache_dir = Path(self.cfg.cache_dir or Path(self.cfg.data_root or ".") / ".linft_cache").expanduser()
-        self.stores = store_environments(Uint8StoreCache(cache_dir / "uint8"), self.dataset, res)
+        self.stores = store_environments(Uint8StoreCache(self.cache_dir / "uint8"), self.dataset, res)
         self.inputs, self.train_tf = self.dataset, None
-        cl = True  # the trainer's layout (linft.evaluate.channels_last)
+        # channels_last: the trainer's layout (linft.evaluate.channels_last)
         aug = DeviceAugment if self.cfg.augment else DeviceEval
-        self.device_tf = aug(spec.mean, spec.std, res, channels_last=cl)
-        self.eval_tf = DeviceEval(spec.mean, spec.std, res, channels_last=cl)
+        self.device_tf = aug(spec.mean, spec.std, res, channels_last=True)
+        self.eval_tf = DeviceEval(spec.mean, spec.std, res, channels_last=True)
         self.eval_loaders = {}
         for s in self.splits:
             images, labels = self.stores[s.env].tensors(self.device)
@@ -72,6 +70,11 @@ class RunData:
                 if len(idx):
                     self.eval_loaders[(s.env, split)] = DeviceSplit(images, labels, idx, 256, self.eval_tf,
                                                                     self.device)
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where derived data (feature caches, uint8 stores) goes: cache_dir, else <data_root>/.linft_cache."""
+        return Path(self.cfg.cache_dir or Path(self.cfg.data_root or ".") / ".linft_cache").expanduser()
 
     def train_batches(self, start: int, stream: str = "train") -> Iterator[list]:
         """One list of ``(x, y)`` per step (one entry per training domain), starting at step ``start``.
@@ -105,19 +108,3 @@ class RunData:
         while True:
             yield [torch.tensor([i for i, _ in next(it)], dtype=torch.int64) for it in iters]
 
-
-class DeviceSplit:
-    """Ordered eval batches ``(x, y)`` of one split from a uint8 store, transformed on ``device``."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices, batch_size: int, transform, device):
-        self.images, self.labels, self.transform, self.device = images, labels, transform, device
-        self.indices, self.batch_size = torch.as_tensor(indices, dtype=torch.int64), batch_size
-
-    def __len__(self) -> int:
-        return -(-len(self.indices) // self.batch_size)
-
-    def __iter__(self):
-        for start in range(0, len(self.indices), self.batch_size):
-            idx = self.indices[start:start + self.batch_size]
-            x = self.images.index_select(0, idx.to(self.images.device)).to(self.device, non_blocking=True)
-            yield self.transform(x), self.labels.index_select(0, idx.to(self.labels.device))

@@ -265,6 +265,23 @@ class DeviceBatchSource:
             step += 1
 
 
+class DeviceSplit:
+    """Ordered eval batches ``(x, y)`` of one split from a uint8 store, transformed on ``device``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices, batch_size: int, transform, device):
+        self.images, self.labels, self.transform, self.device = images, labels, transform, device
+        self.indices, self.batch_size = torch.as_tensor(indices, dtype=torch.int64), batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            idx = self.indices[start:start + self.batch_size]
+            x = self.images.index_select(0, idx.to(self.images.device)).to(self.device, non_blocking=True)
+            yield self.transform(x), self.labels.index_select(0, idx.to(self.labels.device))
+
+
 def device_train_sources(stores: dict, splits, transform: DeviceAugment, *, batch_size: int = 32, seed: int = 0,
                          replacement: bool = True, start_step: int = 0, device="cpu",
                          max_fraction: float = 0.5) -> list[DeviceBatchSource]:
