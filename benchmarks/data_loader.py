@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from linft.backbones import TinyResNet
+from linft.models.backbones import TinyResNet
 from linft.data.datasets import get_dataset
 from linft.data.feature_cache import FeatureCache, cache_environments, module_hash
 from linft.data.loaders import train_loaders, zip_minibatches

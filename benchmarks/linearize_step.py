@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import CPU, DEV, sync  # noqa: E402  (puts the checkout on sys.path)
-from linft.backbones import build_backbone  # noqa: E402
+from linft.models.backbones import build_backbone  # noqa: E402
 from linft.core import freeze_batchnorm, linearize, split_network  # noqa: E402
 from linft.core.tangent import build_primal_cache  # noqa: E402
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import CPU, DEV, sync  # noqa: E402  (puts the checkout on sys.path)
-from linft.backbones import build_backbone  # noqa: E402
+from linft.models.backbones import build_backbone  # noqa: E402
 from linft.data.gpu_augment import DeviceAugment, DeviceBatchSource  # noqa: E402
 from linft.data.uint8_store import store_size  # noqa: E402
 

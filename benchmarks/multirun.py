@@ -1,4 +1,4 @@
-"""K runs in one vectorised step (linft.multirun.MultiRun) vs K sequential plain-PyTorch runs.
+"""K runs in one vectorised step (linft.training.multirun.MultiRun) vs K sequential plain-PyTorch runs.
 
 Tail + DropoutHead on cached trunk features, K = 8 members differing in seed, p and lr, each with
 its own data order (per-member batches gathered from a pool of cached features).
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from _common import CPU, DEV, sync  # noqa: E402  (puts the checkout on sys.path)
-from linft.backbones import build_backbone  # noqa: E402
+from linft.models.backbones import build_backbone  # noqa: E402
 from linft.core import split_network  # noqa: E402
-from linft.multirun import Member, MultiRun, make_member_module  # noqa: E402
+from linft.training.multirun import Member, MultiRun, make_member_module  # noqa: E402
 
 
 

@@ -1,4 +1,4 @@
-"""linft's own training loop (``linft.train``) against plain-PyTorch compute-only steps, same run.
+"""linft's own training loop (``linft.training.trainer``) against plain-PyTorch compute-only steps, same run.
 
 Every row is a real ``Trainer`` run on a generated PACS-shaped JPEG tree (3 training domains,
 so a step sees 3 x ``--batch`` images) whose throughput is the run's own ``img_per_s`` row: the
@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from _common import CPU, DEV, sync  # noqa: E402  (puts the checkout on sys.path)
-from linft.backbones import build_backbone  # noqa: E402
-from linft.config import RunConfig  # noqa: E402
+from linft.models.backbones import build_backbone  # noqa: E402
+from linft.runs.config import RunConfig  # noqa: E402
 from linft.core import freeze_batchnorm, split_network  # noqa: E402
 from linft.data.synthetic import make_image_tree  # noqa: E402
-from linft.train import train  # noqa: E402
+from linft.training.launch import train  # noqa: E402
 
 
 

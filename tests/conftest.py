@@ -14,7 +14,7 @@ def _seed():
 
 def tiny_split(block="basic", k=2, p=0.0, num_classes=5, dtype=torch.float64):
     """A TinyResNet split into trunk | tail (last k blocks) | head, in float64."""
-    from linft.backbones import TinyResNet
+    from linft.models.backbones import TinyResNet
     from linft.core import split_network
     net = TinyResNet(block=block).to(dtype)
     sp = split_network(net, k, num_classes, p=p)

@@ -1,18 +1,18 @@
-"""linft.analyze end to end on tiny real runs (generated PACS tree, tiny_resnet, 16 px)."""
+"""linft.analysis.loading end to end on tiny real runs (generated PACS tree, tiny_resnet, 16 px)."""
 import hashlib
 import json
 
 import pytest
 import torch
 
-import linft.analyze as an
-from linft.analyze import analysis_dir, analyze, load_run
-from linft.analyze_fidelity import size_trend
-from linft.config import RunConfig
+import linft.analysis.loading as an
+from linft.analysis.loading import analysis_dir, analyze, load_run
+from linft.analysis.fidelity import size_trend
+from linft.runs.config import RunConfig
 from linft.data.synthetic import make_image_tree
 from linft.errors import LinftError
-from linft.evaluate import metrics, predict
-from linft.train import train
+from linft.training.evaluate import metrics, predict
+from linft.training.launch import train
 
 ROW_KEYS = {"run", "kind", "metric", "value"}
 
@@ -132,8 +132,8 @@ def test_identities_hold_for_linearized_runs_in_float64(runs):
 def test_no_mutation_of_loaded_models(runs):
     r = load_run(runs["tail"])
     state = {k: v.clone() for k, v in r.trainable.state_dict().items()}
-    import linft.analyze_fidelity as af
-    import linft.analyze_paths as ap
+    import linft.analysis.fidelity as af
+    import linft.analysis.paths as ap
     ap.interp([r], grid=3)
     ap.funcinterp([r], grid=3)
     af.linearity([r])
@@ -163,15 +163,16 @@ def test_errors_and_cli(runs, monkeypatch, capsys):
         analyze("distance", [runs["tail"], runs["other_seed"]])
     with pytest.raises(LinftError, match="unknown option"):
         analyze("interp", [runs["tail"]], grdi=3)
-    import linft.commands
-    from linft import analyze_cli, cli
-    orig = linft.commands.register_all
+    import linft.cli.commands
+    from linft.cli import analyze as analyze_cli
+    from linft.cli import app as cli
+    orig = linft.cli.commands.register_all
 
     def register_all(sub):  # until linft/commands.py registers `analyze` itself
         orig(sub)
         if "analyze" not in sub.choices:
             analyze_cli.register(sub)
-    monkeypatch.setattr(linft.commands, "register_all", register_all)
+    monkeypatch.setattr(linft.cli.commands, "register_all", register_all)
     for argv, msg in ((["--run", str(runs["root"] / "missing")], "does not exist"),
                       (["--run", str(runs["tail"]), "--run", str(runs["other_seed"])], "do not share theta0")):
         assert cli.main(["analyze", "distance", *argv]) == 2

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from linft.backbones import available, build_backbone, get_spec
+from linft.models.backbones import available, build_backbone, get_spec
 from linft.errors import BackboneError
 
 

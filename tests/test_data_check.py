@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from linft.data import commands
+from linft.cli import data as commands
 from linft.data.check import check_dataset
 from linft.data.errors import DataError
 from linft.data.synthetic import make_image_tree

@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 
-from linft.data import commands
+from linft.cli import data as commands
 from linft.data.download import MARKER, download, safe_extract
 from linft.data.errors import ChecksumError, DownloadError, UnsafeArchiveError
 from linft.data.synthetic import make_image_tree

@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linft.config import RunConfig
+from linft.runs.config import RunConfig
 from linft.data.synthetic import make_image_tree
-from linft.distributed import _GlobalDropout, local_rows, spawn_train
-from linft.store import RunDir, load_checkpoint
-from linft.train import Trainer, train
+from linft.training.distributed import _GlobalDropout, local_rows
+from linft.training.launch import spawn_train
+from linft.runs.store import RunDir, load_checkpoint
+from linft.training.launch import train
+from linft.training.trainer import Trainer
 
 TOL = 1e-6  # float32 weights: only the order of the reductions differs (observed <= 7e-8)
 

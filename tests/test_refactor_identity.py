@@ -22,10 +22,7 @@ CASES = {
 
 
 def _config(data_root, **kw):
-    try:
-        from linft.runs.config import RunConfig
-    except ImportError:  # the flat layout the golden was recorded with
-        from linft.config import RunConfig
+    from linft.runs.config import RunConfig
     base = dict(dataset="PACS", data_root=str(data_root), backbone="tiny_resnet", k=2, resolution=16,
                 steps=6, eval_every=3, traj_start=1, lr_decay_steps=(4,), batch_size=4, lr=0.05, quiet=True)
     base.update(kw)
@@ -33,10 +30,7 @@ def _config(data_root, **kw):
 
 
 def _fingerprint(data_root, out_root, case: str) -> dict:
-    try:
-        from linft.training.launch import train
-    except ImportError:
-        from linft.train import train
+    from linft.training.launch import train
     torch.manual_seed(0)
     rd = train(_config(data_root, **CASES[case]), out_root)
     final = torch.load(rd.path / "final.pt", map_location="cpu", weights_only=True)

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from linft.config import RunConfig
+from linft.runs.config import RunConfig
 from linft.data.synthetic import make_image_tree
-from linft.store import RunDir, load_checkpoint
+from linft.runs.store import RunDir, load_checkpoint
 
 ARGS = ["--dataset", "PACS", "--backbone", "tiny_resnet", "--k", "2", "--resolution", "16", "--mode", "linear",
         "--p", "0.5", "--steps", "24", "--eval-every", "4", "--traj-start", "2", "--lr-decay-steps", "12",

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from linft.data.synthetic import make_image_tree
-from linft.store import RunDir, load_checkpoint, run_state
-from linft.sweep import load_experiment, status
-from linft.train import train
+from linft.runs.store import RunDir, load_checkpoint, run_state
+from linft.sweeps.grid import load_experiment, status
+from linft.training.launch import train
 
 submitit = pytest.importorskip("submitit")
-from linft.slurm import SlurmOptions, launch_slurm, make_executor  # noqa: E402
+from linft.sweeps.slurm import SlurmOptions, launch_slurm, make_executor  # noqa: E402
 
 GRID = """
 name = "tiny"
@@ -57,7 +57,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_sbatch_script_carries_the_resources(tmp_path, monkeypatch):
-    monkeypatch.setattr("linft.slurm._has_sbatch", lambda: True)
+    monkeypatch.setattr("linft.sweeps.slurm._has_sbatch", lambda: True)
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun here
     opts = SlurmOptions(partition="gpu", gpus_per_job=2, cpus_per_job=6, mem_gb=40, time_min=90,
                         array_parallelism=3, extra=(("account", "abc"),))

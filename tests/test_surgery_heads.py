@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from linft.backbones import TinyResNet, build_backbone
+from linft.models.backbones import TinyResNet, build_backbone
 from linft.core import DropoutHead, UnfoldedModel, block_features, freeze_batchnorm, layout_of, split_network
 from linft.errors import ConfigError
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from linft.data.synthetic import make_image_tree
-from linft.sweep import delete_incomplete, launch, load_experiment, status
+from linft.sweeps.grid import delete_incomplete, launch, load_experiment, status
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,8 @@ def test_launch_status_and_relaunch(swept):
 
 
 def test_collect_tables_figures_report(swept, tmp_path):
-    from linft import collect
-    from linft.report import write_report
+    from linft.results import collect
+    from linft.results.report import write_report
     _, root, _ = swept
     df = collect.load_rows(root)
     assert {"run", "kind", "step", "env", "role", "split", "metric", "value", "mode", "p", "seed"} <= set(df.columns)
@@ -59,7 +59,7 @@ def test_collect_tables_figures_report(swept, tmp_path):
     assert acc["ood_acc"].between(0, 1).all() and acc["iid_acc"].between(0, 1).all()
     table = collect.domainbed_table(acc)
     assert "Avg" in table.columns and (table["dataset"] == "PACS").all()
-    from linft.analyze import analyze
+    from linft.analysis.loading import analyze
     tails = sorted(str(root / c.run_id) for c in swept[0].configs if c.mode == "tail")
     analyze("interp", tails, grid=5, refine=False)
     analyze("linearity", tails[:1])
@@ -79,7 +79,7 @@ def test_experiments_in_repo_load():
 
 
 def test_demo_configs_are_the_documented_study():
-    from linft.demo import demo_configs
+    from linft.cli.demo import demo_configs
     cfgs = demo_configs("/tmp/cache")
     assert {(c.mode, c.p) for c in cfgs.values()} >= {(m, p) for m in ("tail", "linear", "full") for p in (0.0, 0.9)}
     assert sorted({c.n_per_domain for c in cfgs.values() if c.p == 0.9 and c.mode == "tail"}) == [100, 300, 800]
@@ -89,7 +89,7 @@ def test_demo_configs_are_the_documented_study():
 
 def test_hparam_clouds_count_every_combination():
     import pandas as pd
-    from linft.collect import hparam_clouds
+    from linft.results.collect import hparam_clouds
     rows = [dict(dataset="D", method="m", test_env=e, lr=lr, weight_decay=wd, seed=s,
                  iid_acc=0.5 + 0.1 * i, ood_acc=0.1 * i + (e == "B") * 0.2)
             for e in ("A", "B") for i, (lr, wd) in enumerate([(1, 1), (1, 2), (2, 1)]) for s in (0, 1)]

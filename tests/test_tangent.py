@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from linft.backbones import TinyResNet, build_backbone
+from linft.models.backbones import TinyResNet, build_backbone
 from linft.core import freeze_batchnorm, linearize, split_network
 from linft.core.tangent import build_primal_cache, onepass_terms
 from linft.core.tangent_rules import _fallback, rule_for

@@ -1,7 +1,7 @@
 """linft bench (issue #7, part 4): command registration, script list and summary, no subprocess runs."""
 import argparse
 
-from linft import bench
+from linft.cli import bench
 
 
 def test_register_and_scripts_exist():

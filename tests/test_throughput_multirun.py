@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_split, trunk_features
 from linft.core import linearize
-from linft.multirun import Member, MultiRun, make_member_module
+from linft.training.multirun import Member, MultiRun, make_member_module
 
 MEMBERS = [Member(seed=0, p=0.5, lr=0.1), Member(seed=1, p=0.0, lr=0.05, weight_decay=1e-2),
            Member(seed=2, p=0.9, lr=0.2, weight_decay=5e-4)]

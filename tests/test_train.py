@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from linft.config import RunConfig
+from linft.runs.config import RunConfig
 from linft.data.synthetic import make_image_tree
 from linft.errors import ConfigError
-from linft.evaluate import TrajectoryAverage, TrajectoryEnsemble
-from linft.store import RunDir, load_checkpoint
-from linft.train import RunFailed, train
+from linft.training.evaluate import TrajectoryAverage, TrajectoryEnsemble
+from linft.runs.store import RunDir, load_checkpoint
+from linft.training.launch import RunFailed, train
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +104,8 @@ def test_config_validation_and_files(tmp_path):
     f.write_text('mode = "linear"\np = 0.9\nlr_decay_steps = [100, 200]\n')
     cfg = RunConfig.from_file(f)
     assert cfg.mode == "linear" and cfg.lr_decay_steps == (100, 200)
-    from linft.cli import _build_parser
-    from linft.train_cli import config_from_args
+    from linft.cli.app import _build_parser
+    from linft.cli.train import config_from_args
     args = _build_parser().parse_args(["train", "--config", str(f), "--p", "0.5", "--seed", "3"])
     cfg = config_from_args(args)
     assert (cfg.mode, cfg.p, cfg.seed) == ("linear", 0.5, 3)
@@ -135,8 +135,8 @@ def test_trajectory_average_and_ensemble():
 
 
 def test_soups_across_runs(data_root, tmp_path):
-    from linft.soups import soups
-    from linft.train import restore_run
+    from linft.analysis.soups import soups
+    from linft.analysis.loading import restore_run
     runs = [train(tiny(data_root, mode="tail", lr=lr), tmp_path).path for lr in (0.05, 0.02, 0.01)]
     rows = soups(runs, tmp_path)
     models = {r["model"] for r in rows}
@@ -147,7 +147,7 @@ def test_soups_across_runs(data_root, tmp_path):
     t = restore_run(runs[0])
     last = {(r["env"], r["split"]): r["value"] for r in RunDir(tmp_path, t.cfg).read_rows()
             if r.get("kind") == "eval" and r["model"] == "current" and r["step"] == 6 and r["metric"] == "acc"}
-    from linft.evaluate import metrics, predict
+    from linft.training.evaluate import metrics, predict
     for key, loader in t.data.eval_loaders.items():
         lg, y = predict(t.pipe.pre, t.pipe.post, t.pipe.trainable, loader, t.device)
         assert metrics(lg, y)["acc"] == last[key]
@@ -161,8 +161,8 @@ def test_soups_across_runs(data_root, tmp_path):
 def test_device_loader_trains_resumes_and_evaluates_like_pil(data_root, tmp_path):
     """loader="device": uint8 store + batched augmentation. Step t's batch depends on (seed, t) only
     (resume is exact); without augmentation the eval inputs match the PIL eval transform closely."""
-    from linft.run_data import RunData
-    from linft.pipeline import build_pipeline
+    from linft.training.run_data import RunData
+    from linft.training.pipeline import build_pipeline
     cfg = tiny(data_root, mode="full", loader="device", cache_dir=str(tmp_path / "cache"))
     data = RunData(cfg, torch.device("cpu"))
     pipe = build_pipeline(cfg, data.num_classes, torch.device("cpu"))
@@ -233,7 +233,7 @@ def test_cuda_trainer_paths(data_root, tmp_path):
 def test_predict_keeps_no_graph():
     """Evaluation runs without autograd: logits carry no graph (a graph per eval batch kept every
     activation alive: a 20-step Digits run once peaked at 7.8 GB instead of 1.2 GB)."""
-    from linft.evaluate import predict
+    from linft.training.evaluate import predict
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
     loader = [(torch.randn(5, 3, 6, 6), torch.zeros(5, dtype=torch.long)) for _ in range(2)]
     ident = torch.nn.Identity()

@@ -185,3 +185,29 @@ def zip_minibatches(loaders) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]
     ``zip(*train_loaders)``); endless when the loaders are."""
     for batches in zip(*[iter(loader) for loader in loaders]):
         yield list(batches)
+
+
+# -- several processes: each rank draws its share of every batch --------------------------------
+class _ShardedBatchSampler:
+    """Examples ``rank::world`` of every batch of ``sampler`` (indices and augmentation seeds)."""
+
+    def __init__(self, sampler, rank: int, world_size: int):
+        self.sampler, self.rank, self.world = sampler, rank, world_size
+
+    def __iter__(self):
+        for batch in self.sampler:
+            yield batch[self.rank::self.world]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def shard_loaders(loaders: list, rank: int, world_size: int) -> list:
+    """Give each :class:`~linft.data.loaders.InfiniteLoader` a DataLoader over this rank's share."""
+    for ld in loaders:
+        old = ld.loader
+        if ld.sampler.batch_size < world_size:
+            raise ConfigError(f"batch_size {ld.sampler.batch_size} is smaller than the {world_size} processes")
+        ld.loader = DataLoader(old.dataset, batch_sampler=_ShardedBatchSampler(ld.sampler, rank, world_size),
+                               num_workers=old.num_workers, persistent_workers=False, generator=old.generator)
+    return loaders

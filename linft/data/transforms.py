@@ -58,7 +58,7 @@ def eval_transform(mean, std, resolution: int) -> T.Compose:
 
 def transforms_for(backbone, resolution: int | None = None, augment: bool = False) -> T.Compose:
     """The train (``augment=True``) or eval transform for a backbone name or BackboneSpec."""
-    from linft.backbones import BackboneSpec, get_spec
+    from linft.models.backbones import BackboneSpec, get_spec
     spec = backbone if isinstance(backbone, BackboneSpec) else get_spec(backbone)
     res = spec.resolution if resolution is None else resolution
     return (train_transform if augment else eval_transform)(spec.mean, spec.std, res)

@@ -1,0 +1,5 @@
+import sys
+
+from linft.cli.app import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Backbones: one registry name -> architecture, weights file, normalisation, resolution, split layout."""

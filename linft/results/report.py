@@ -1,0 +1,128 @@
+"""`linft collect`, `linft plot`, `linft report`: tables and figures from run folders."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from linft.results import collect
+from linft.results import plots
+from linft.errors import LinftError
+
+
+def _frame(root) -> pd.DataFrame:
+    df = collect.load_rows(root)
+    if df.empty:
+        raise LinftError(f"no run rows under {str(root)!r}")
+    return df
+
+
+def make_figures(root, out_dir) -> list[Path]:
+    df = _frame(root)
+    acc = collect.selected_accuracy(df, "train_val")
+    paths: list[Path] = []
+    if not acc.empty:
+        paths += plots.iid_vs_ood(acc, out_dir)
+        paths += plots.accuracy_by_mode(acc[acc["model"] == "current"], out_dir)
+        if acc["p"].nunique() > 1:
+            paths += plots.ood_vs_dropout(acc, out_dir)
+        cloud = collect.hparam_clouds(acc[acc["model"] == "current"])
+        if len(cloud) > cloud["method"].nunique():  # more than one point per method
+            prov = acc.drop_duplicates("dataset")[["dataset", "backbone", "seed"]]
+            paths += plots.clouds(cloud.merge(prov, on="dataset"), out_dir)
+    from linft.results import plots_analysis
+    paths += plots_analysis.make_all(df, out_dir)
+    return paths
+
+
+def write_report(root, out: str | Path, figures_dir: str | Path | None = None, title: str = "linft report") -> Path:
+    df = _frame(root)
+    out = Path(out)
+    figures_dir = Path(figures_dir) if figures_dir else out.parent / "figures"
+    figs = make_figures(root, figures_dir)
+    lines = [f"# {title}", "", f"Runs: {df['run'].nunique()} under `{root}` ({plots.provenance(df)}).", ""]
+    states = df.groupby("run")["state"].first().value_counts().to_dict()
+    lines += ["Run states: " + ", ".join(f"{k} {v}" for k, v in states.items()), ""]
+    for selection, label in (("train_val", "training-domain validation"), ("oracle", "test-domain oracle")):
+        acc = collect.selected_accuracy(df, selection)
+        if acc.empty:
+            continue
+        for column, what in (("ood_acc", "o.o.d. accuracy (test domain, %)"), ("iid_acc", "i.i.d. accuracy (training domains' held-out split, %)")):
+            lines += [f"## {what}, selection: {label}", "", "mean ± standard error over seeds", "",
+                      collect.to_markdown(collect.domainbed_table(acc, column)), ""]
+    summary = collect.analysis_summary(df)
+    if not summary.empty:
+        lines += ["## Linearity measurements (linft analyze; pooled over domains)", "",
+                  "distance: |theta - theta0| total (relative to |theta0|), cosine of two runs' fine-tuning deltas; "
+                  "interp: barriers w.r.t. the straight line ('line') and the endpoint mean ('mean'); linearity: "
+                  "post-hoc Taylor model at theta_ft ('posthoc'), the network at a linearized run's theta "
+                  "('network_at_linear_theta'), a trained linear vs standard run ('trained'); ntk: kernel distance "
+                  "1 - <K0,K1>/(|K0||K1|) between theta0 and theta_ft; identity: how far f((A+B)/2) is from "
+                  "(f(A)+f(B))/2 and the loss barrier on the straight path.", "",
+                  collect.to_markdown(summary.fillna("")), ""]
+    steps = df[(df["kind"] == "train") & (df["metric"] == "img_per_s")].groupby("mode")["value"].median()
+    if not steps.empty:
+        lines += ["## Throughput on this machine (median images/s per mode)", ""]
+        lines += [f"- {mode}: {v:.0f} img/s" for mode, v in steps.items()] + [""]
+    lines += ["## Figures", ""]
+    for p in figs:
+        if p.suffix == ".png":
+            rel = Path(*p.parts[len(out.parent.parts):]) if out.parent in p.parents else p
+            lines += [f"![{p.stem}]({rel.as_posix()})", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    return out
+
+
+def _collect(args) -> int:
+    df = _frame(args.root)
+    out = Path(args.out)
+    if out.suffix == ".parquet":
+        df.to_parquet(out)
+    else:
+        df.to_csv(out, index=False)
+    acc = collect.selected_accuracy(df, args.selection)
+    if not acc.empty:
+        print(collect.to_markdown(collect.domainbed_table(acc, "ood_acc")))
+    print(f"{len(df)} rows from {df['run'].nunique()} runs -> {out}")
+    return 0
+
+
+def _plot(args) -> int:
+    for p in make_figures(args.root, args.out):
+        print(p)
+    return 0
+
+
+def _report(args) -> int:
+    print(write_report(args.root, args.out))
+    return 0
+
+
+def _soup(args) -> int:
+    from linft.analysis.soups import soups
+    rows = soups(args.run, args.root)
+    for r in rows:
+        if r["metric"] == "acc" and r["split"] == ("in" if r["role"] == "test" else "out"):
+            print(f"{r['model']:<16} members {r['members']}  {r['role']:<5} {r['env']:<12} acc {r['value']:.4f}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("soup", help="uniform soup, greedy soup and output ensemble of finished runs")
+    p.add_argument("--root", required=True, help="where _soups/<id>/ is written")
+    p.add_argument("run", nargs="+", help="run folders (same architecture, data and split)")
+    p.set_defaults(func=_soup)
+    p = sub.add_parser("collect", help="all rows of a runs folder as one long table (CSV or Parquet)")
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", default="results.csv")
+    p.add_argument("--selection", default="train_val", choices=("train_val", "oracle"))
+    p.set_defaults(func=_collect)
+    p = sub.add_parser("plot", help="every figure the runs support (PNG, PDF and the CSV behind each)")
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", default="figures")
+    p.set_defaults(func=_plot)
+    p = sub.add_parser("report", help="a markdown report with tables and figures")
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", default="report.md")
+    p.set_defaults(func=_report)

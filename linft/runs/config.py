@@ -1,0 +1,174 @@
+"""Run configuration: a frozen dataclass whose defaults are the paper's protocol (PAPER.md).
+
+The run id is ``<prefix>-<sha256[:12]>`` of the *semantic* fields that differ from their defaults,
+so adding a new defaulted field keeps every old id, and paths, device, workers and logging cadence
+never enter it (moving data must not invalidate results).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from linft.core.heads import HEAD_INITS, check_dropout_rate
+from linft.errors import ConfigError
+from linft.runs.modes import MODES, get_mode
+
+HEAD_INIT_CHOICES = ("random", "probe")
+BN_POLICIES = ("frozen",)
+LOADERS = ("pil", "device")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One fine-tuning run. Defaults: [ZB] protocol on PACS with ResNet50 IMAGENET1K_V2 weights."""
+
+    # -- what is trained, on what ------------------------------------------------------------
+    dataset: str = "PACS"
+    test_envs: tuple[str, ...] = ()     # empty: the dataset's first environment (DomainBed's test_envs=[0])
+    backbone: str = "resnet50.in1k_v2"
+    mode: str = "full"                  # one of MODES
+    k: int = 3                          # tail = last k residual blocks (ResNet50: layer4)
+    p: float = 0.0                      # dropout rate on the pooled representation
+    head_init: str = "random"           # "random" (DomainBed) or "probe" (linear probe first: LP-FT)
+    probe_steps: int = 300              # steps of head-only training when head_init == "probe"
+    bn: str = "frozen"                  # BatchNorm policy: pre-trained statistics, never updated
+    resolution: int = 0                 # 0: the backbone's native resolution
+    augment: bool = True                # DomainBed's train augmentation (excludes the feature cache)
+    feature_cache: bool = False         # tail/linear/unfolded/probe: read frozen-trunk features from disk
+    loader: str = "pil"                 # "pil": DomainBed's PIL/torchvision loader; "device": decoded-once
+                                        # uint8 store + batched augmentation on the run's device (GPU speed)
+    holdout: float = 0.2                # fraction of every domain held out (the "out" split)
+    n_per_domain: int = 0               # 0: all; else a nested per-domain subsample of the "in" split
+    dataset_limit: int = 0              # MNIST-derived sets: 0 all images, else the first N of the shuffle
+    # -- optimisation ([ZB] Sec. 4: SGD momentum 0.9, 10k steps, lr x0.1 at 5k) ----------------
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    steps: int = 10_000
+    lr_decay_steps: tuple[int, ...] = (5_000,)
+    lr_decay: float = 0.1
+    batch_size: int = 32                # per training domain
+    last_layer_lr_mult: float = 1.0     # 10: the "10x last-layer learning rate" trick
+    eval_every: int = 300               # checkpoints/evaluation (and trajectory ensemble members)
+    traj_start: int = 300               # trajectory averaging / ensembling starts at this step
+    seed: int = 0                       # training seed (init, minibatches, dropout masks)
+    trial_seed: int = 0                 # data-split seed, kept apart from the training seed
+    # -- not semantic: never part of the run id ------------------------------------------------
+    data_root: str = field(default="", metadata={"semantic": False})
+    cache_dir: str = field(default="", metadata={"semantic": False})
+    device: str = field(default="auto", metadata={"semantic": False})
+    workers: int = field(default=0, metadata={"semantic": False})
+    quiet: bool = field(default=False, metadata={"semantic": False})
+    checkpoint_every: int = field(default=0, metadata={"semantic": False})  # 0: at every evaluation
+    # how the Taylor model is computed (same values to float precision, so not semantic)
+    lin_engine: str = field(default="onepass", metadata={"semantic": False})
+    # mode "linear" on cached features: keep the primal activations at theta0 per training example
+    # (a step then costs ~4/3 instead of 5/3 of a standard one; memory grows with the data set)
+    lin_primal_cache: bool = field(default=False, metadata={"semantic": False})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # JSON gives lists; the dataclass is frozen and hashable with tuples
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                object.__setattr__(self, f.name, tuple(v))
+        _validate(self)
+
+    # -- identity ------------------------------------------------------------------------------
+    def semantic_diff(self) -> dict[str, Any]:
+        """Semantic fields that differ from their defaults (what the run id hashes)."""
+        out = {}
+        for f in fields(self):
+            if not f.metadata.get("semantic", True):
+                continue
+            dv = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            v = getattr(self, f.name)
+            if v != dv:
+                out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @property
+    def run_id(self) -> str:
+        blob = json.dumps(self.semantic_diff(), sort_keys=True, separators=(",", ":"))
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return f"{self.mode}-{digest}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        types = {f.name: f.type for f in fields(cls)}
+        return cls(**{k: _coerce(k, types[k], v) for k, v in d.items()})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+        except (ValueError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot parse config file {str(path)!r}: {e}") from e
+        return cls.from_dict(data)
+
+
+def _coerce(name: str, typ: Any, v: Any) -> Any:
+    t = str(typ)
+    try:
+        if t.startswith("tuple"):
+            items = v.split(",") if isinstance(v, str) else list(v)
+            conv = int if "int" in t else str
+            return tuple(conv(x) for x in items if str(x).strip() != "")
+        if t == "bool" and isinstance(v, str):
+            if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(v)
+            return v.lower() in ("1", "true", "yes")
+        if t in ("int", "float", "str"):
+            return {"int": int, "float": float, "str": str}[t](v)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name}: cannot read {v!r} as {t}") from e
+    return v
+
+
+def _validate(c: RunConfig) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+    mode = get_mode(c.mode)
+    check_dropout_rate(c.p)
+    need(c.head_init in HEAD_INIT_CHOICES, f"head_init must be one of {HEAD_INIT_CHOICES}, got {c.head_init!r}")
+    need(c.lin_engine in ("jvp", "onepass"), f"lin_engine must be 'jvp' or 'onepass', got {c.lin_engine!r}")
+    need(c.bn in BN_POLICIES, f"bn must be one of {BN_POLICIES}, got {c.bn!r}")
+    need(c.k >= 0, f"k must be >= 0, got {c.k}")
+    need(c.lr > 0 and c.weight_decay >= 0 and 0 <= c.momentum < 1, "need lr > 0, weight_decay >= 0, 0 <= momentum < 1")
+    need(c.steps >= 1 and c.batch_size >= 1, "steps and batch_size must be >= 1")
+    need(c.eval_every >= 1, "eval_every must be >= 1")
+    need(0 < c.holdout < 1, f"holdout must lie in (0, 1), got {c.holdout}")
+    need(c.n_per_domain >= 0 and c.resolution >= 0 and c.dataset_limit >= 0,
+         "n_per_domain, dataset_limit and resolution must be >= 0")
+    need(all(0 < s for s in c.lr_decay_steps), "lr_decay_steps must be positive steps")
+    need(c.last_layer_lr_mult > 0, "last_layer_lr_mult must be > 0")
+    need(not (c.augment and c.feature_cache),
+         "augmentation and the feature cache exclude each other: the cache stores un-augmented trunk "
+         "features; set augment=false to use feature_cache=true")
+    need(not (c.feature_cache and mode.trunk_trains),
+         f"mode {c.mode!r} trains the trunk, so it cannot read cached trunk features")
+    need(not (mode.head_is_trainable and c.head_init == "probe"), f"mode {c.mode!r} already trains the head alone")
+    need(c.loader in LOADERS, f"loader must be one of {LOADERS}, got {c.loader!r}")
+    need(not c.lin_primal_cache or (mode.linearized and c.feature_cache and c.lin_engine == "onepass"),
+         "lin_primal_cache needs mode 'linear', feature_cache=true (fixed inputs) and lin_engine 'onepass'")
+    need(not (c.loader == "device" and c.feature_cache),
+         "loader 'device' reads images; the feature cache replaces them (use one or the other)")
+    assert set(HEAD_INITS) >= {"random"}

@@ -1,0 +1,147 @@
+"""Named experiments as grids of run configs, and a local launcher.
+
+An experiment is a TOML file (``experiments/<name>.toml``): a ``[base]`` RunConfig, a ``[grid]``
+whose lists are crossed (itertools.product, in file order; an axis whose values are tables, e.g.
+``cases = [{mode = "tail", feature_cache = true}, {mode = "full"}]``, sets several fields per
+value), and optional ``[variants.<v>]`` tables
+that override ``base`` and ``grid`` (``variants.offline`` runs on the embedded default). Runs are
+the truth: ``status`` reads run folders, never a queue; ``launch`` skips what is done, and a failed
+run never stops the others.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from linft.runs.config import RunConfig
+from linft.errors import ConfigError, LinftError
+from linft.runs.store import run_state
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+
+
+@dataclass
+class Experiment:
+    name: str
+    description: str
+    figure: str
+    configs: list[RunConfig] = field(default_factory=list)
+
+
+def find_experiment(name: str) -> Path:
+    """A path, or a name looked up in ./experiments and linft's own experiments folder."""
+    for cand in (Path(name), Path("experiments") / f"{name}.toml", EXPERIMENTS_DIR / f"{name}.toml"):
+        if cand.is_file():
+            return cand
+    known = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml")) if EXPERIMENTS_DIR.is_dir() else []
+    raise LinftError(f"unknown experiment {name!r}; known: {', '.join(known) or 'none'}")
+
+
+def load_experiment(name: str, variant: str = "paper", **overrides) -> Experiment:
+    """The experiment's configs; ``overrides`` (e.g. data_root, cache_dir) apply to every config."""
+    path = find_experiment(name)
+    try:
+        spec = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"cannot parse {path}: {e}") from e
+    base, grid = dict(spec.get("base", {})), dict(spec.get("grid", {}))
+    if variant != "paper":
+        if variant not in spec.get("variants", {}):
+            raise ConfigError(f"experiment {path.stem!r} has no variant {variant!r}; "
+                              f"it has: paper, {', '.join(spec.get('variants', {}))}")
+        var = dict(spec["variants"][variant])
+        grid.update(var.pop("grid", {}))
+        base.update(var)
+    axes = list(grid.items())
+    configs, seen = [], set()
+    for values in itertools.product(*[v for _, v in axes]):
+        point: dict = {}
+        for (key, _), value in zip(axes, values):  # a table on an axis ("cases") sets several fields at once
+            point.update(value if isinstance(value, dict) else {key: value})
+        cfg = RunConfig.from_dict({**base, **point, **overrides})
+        if cfg.run_id not in seen:  # two grid points may be the same run (e.g. p ignored by a mode)
+            seen.add(cfg.run_id)
+            configs.append(cfg)
+    return Experiment(path.stem, spec.get("description", ""), spec.get("figure", ""), configs)
+
+
+def status(exp: Experiment, root: str | Path) -> dict[str, list[RunConfig]]:
+    out: dict[str, list[RunConfig]] = {"done": [], "running": [], "failed": [], "missing": []}
+    for cfg in exp.configs:
+        state = run_state(Path(root) / cfg.run_id)
+        out["missing" if state == "new" else state].append(cfg)
+    return out
+
+
+def _train_command(cfg: RunConfig, root: Path) -> list[str]:
+    cfg_file = root / ".sweep" / f"{cfg.run_id}.json"
+    cfg_file.parent.mkdir(parents=True, exist_ok=True)
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    return [sys.executable, "-m", "linft.cli", "train", "--config", str(cfg_file), "--root", str(root)]
+
+
+def launch(exp: Experiment, root: str | Path, jobs: int = 1, quiet: bool = True) -> dict[str, int]:
+    """Run every run that is not done, ``jobs`` processes at a time (one per GPU when there are
+    GPUs and ``jobs`` equals their number). Returns counts of done / failed after the launch."""
+    root = Path(root)
+    todo = [c.replace(quiet=quiet or c.quiet) for c in exp.configs if run_state(root / c.run_id) != "done"]
+    n_gpu = _gpu_count()
+    running: list[tuple[subprocess.Popen, RunConfig]] = []
+    failed = 0
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(todo), desc=f"sweep {exp.name}", unit="run")
+    slot = 0
+    for cfg in todo:
+        while len(running) >= jobs:
+            failed += _reap(running, bar)
+        env = dict(os.environ)
+        if n_gpu and jobs > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot % n_gpu)
+        if jobs > 1:
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+        slot += 1
+        cmd = _train_command(cfg, root)
+        log = open(root / ".sweep" / f"{cfg.run_id}.log", "w")
+        running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), cfg))
+    while running:
+        failed += _reap(running, bar)
+    bar.close()
+    st = status(exp, root)
+    return {k: len(v) for k, v in st.items()}
+
+
+def _reap(running, bar) -> int:
+    import time
+    while True:
+        for i, (proc, cfg) in enumerate(running):
+            if proc.poll() is not None:
+                running.pop(i)
+                bar.update(1)
+                return int(proc.returncode != 0)
+        time.sleep(0.2)
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except Exception:  # pragma: no cover
+        return 0
+
+
+def delete_incomplete(exp: Experiment, root: str | Path) -> list[str]:
+    """Remove the folders of this experiment's runs that are not done (failed or interrupted)."""
+    removed = []
+    for cfg in exp.configs:
+        path = Path(root) / cfg.run_id
+        if path.exists() and run_state(path) != "done":
+            shutil.rmtree(path)
+            removed.append(cfg.run_id)
+    return removed

@@ -1,0 +1,224 @@
+"""One run: build -> (probe the head) -> loop -> evaluate -> checkpoint -> rows. Resumable.
+
+Randomness is a pure function of (seed, step): the loaders draw each step's examples and
+augmentation seeds from generators keyed by (seed, domain, step), and the global torch RNG (dropout
+masks) is saved in every checkpoint. A run killed at any moment therefore resumes from its last
+checkpoint and ends bit-identical (on CPU) to an uninterrupted run; rows past the checkpoint are
+dropped on resume, so none is duplicated or torn.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from linft.runs.config import RunConfig
+from linft.runs.modes import get_mode
+from linft.training.evaluate import TrajectoryAverage, TrajectoryEnsemble, channels_last, eval_rows, metrics, predict
+from linft.training.pipeline import Pipeline, build_run, finalize_trainable, probe_head
+from linft.runs.store import RunDir, atomic_torch_save, load_checkpoint
+
+
+class RunFailed(Exception):
+    """A run diverged (NaN/inf loss); its rows are kept and it is marked failed."""
+
+
+def _optimizer(cfg: RunConfig, pipe: Pipeline, lr_scale: float = 1.0) -> torch.optim.SGD:
+    head_ids = pipe.head_parameter_ids()
+    params = [p for p in pipe.trainable.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": cfg.lr * lr_scale},
+              {"params": [p for p in params if id(p) in head_ids], "lr": cfg.lr * lr_scale * cfg.last_layer_lr_mult}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+class Trainer:
+    """Holds one run's data, models and state; ``run()`` trains to the end (or resumes)."""
+
+    def __init__(self, cfg: RunConfig, root: str | Path):
+        self.cfg, self.run_dir = cfg, RunDir(root, cfg)
+        built = build_run(cfg)
+        self.device, self.data, self.pipe = built.device, built.data, built.pipe
+        self.autocast = self.device.type == "cuda"
+        self.avg = TrajectoryAverage(cfg.traj_start)
+        self.ens = TrajectoryEnsemble(cfg.traj_start)
+        self.primal = None  # lin_primal_cache: PrimalCache over the training examples
+
+    def _attach_primal_cache(self) -> None:
+        """Cache the primal stream at theta0 for every training example ("in" splits of the
+        training domains, concatenated); steps then replay it (same examples, same dropout masks)."""
+        import numpy as np
+
+        from linft.core.tangent import build_primal_cache
+        feats, labels, self._primal_rows = [], [], []
+        offset = 0
+        for s in self.data.splits:
+            if s.role != "train":
+                continue
+            env = self.data.inputs[s.env]
+            rows = np.full(len(env), -1, dtype=np.int64)
+            rows[s.in_idx] = offset + np.arange(len(s.in_idx))
+            offset += len(s.in_idx)
+            self._primal_rows.append(torch.from_numpy(rows))
+            feats.append(torch.from_numpy(np.asarray(env.features[s.in_idx], dtype=np.float32)))
+            labels.append(torch.from_numpy(np.asarray(env.labels[s.in_idx], dtype=np.int64)))
+        inputs = torch.cat(feats).to(self.device)
+        self._primal_labels = torch.cat(labels).to(self.device)
+        if self.device.type == "cuda":
+            budget = 0.5 * torch.cuda.mem_get_info(self.device)[0]
+        else:  # half the memory the OS calls available (Linux)
+            budget = 0.5 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        from linft.errors import ConfigError, LinearizationError
+        try:
+            self.primal = build_primal_cache(self.pipe.trainable, inputs, max_bytes=budget)
+        except LinearizationError as e:
+            raise ConfigError(f"{e}: set lin_primal_cache=false (or use fewer examples)") from None
+
+    def _primal_stream(self, start: int):
+        for idx in self.data.train_index_batches(start, stream="train"):
+            rows = torch.cat([r[i] for r, i in zip(self._primal_rows, idx)]).to(self.device)
+            yield [(rows, self._primal_labels[rows])]
+
+    # hooks a subclass overrides (linft.training.distributed.DistributedTrainer: one rank of several)
+    _predict = staticmethod(predict)
+
+    def _sync_grads(self) -> None:
+        """After backward(): nothing in one process; the gradient all-reduce across ranks."""
+
+    def _save_final(self, final: dict) -> None:
+        atomic_torch_save(final, self.run_dir.final_path)
+
+    # -- one optimisation step ---------------------------------------------------------------
+    def _loss(self, module: nn.Module, batches) -> torch.Tensor:
+        if self.primal is not None and module is self.pipe.trainable:  # batches: [(rows, y)]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                return F.cross_entropy(self.primal(batches[0][0]).float(), batches[0][1])
+        x = torch.cat([b[0] for b in batches]).to(self.device, non_blocking=True)
+        y = torch.cat([b[1] for b in batches]).to(self.device, non_blocking=True)
+        x = channels_last(x)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            with torch.no_grad():
+                z = self.pipe.post(self.pipe.pre(x))
+            return F.cross_entropy(module(z).float(), y)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def _evaluate(self, step: int) -> list[dict]:
+        run_id, rows = self.cfg.run_id, []
+        current = {}
+        for key, loader in self.data.eval_loaders.items():
+            role = self.data.roles[key[0]]
+            logits, labels = self._predict(self.pipe.pre, self.pipe.post, self.pipe.trainable, loader, self.device,
+                                     autocast=self.autocast)
+            current[key] = logits
+            self.data.labels[key] = labels
+            rows += eval_rows(run_id, step, "current", key, role, metrics(logits, labels))
+            avg = self.avg.params(self.pipe.trainable)
+            if avg is not None:
+                lg, _ = self._predict(self.pipe.pre, self.pipe.post, self.pipe.trainable, loader, self.device, avg,
+                                self.autocast)
+                rows += eval_rows(run_id, step, "traj_avg", key, role, metrics(lg, labels))
+        if self.ens.add(step, current):
+            for key in current:
+                rows += eval_rows(run_id, step, "traj_ens", key, self.data.roles[key[0]],
+                                  metrics(self.ens.logits(key), self.data.labels[key]))
+        return rows
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _save(self, step: int, opt, sched, running: tuple[float, int] = (0.0, 0)) -> None:
+        atomic_torch_save({"step": step, "running": list(running), "trainable": self.pipe.trainable.state_dict(), "optimizer": opt.state_dict(),
+                           "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                           "avg": self.avg.state_dict(), "ens": self.ens.state_dict()}, self.run_dir.checkpoint_path)
+
+    def _restore(self, opt, sched) -> tuple[int, float, int]:
+        ck = load_checkpoint(self.run_dir.checkpoint_path)
+        self.pipe.trainable.load_state_dict(ck["trainable"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"])
+        self.avg.load_state_dict(ck["avg"])
+        self.ens.load_state_dict(ck["ens"])
+        self.run_dir.truncate_rows(ck["step"])
+        return ck["step"], float(ck["running"][0]), int(ck["running"][1])
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> RunDir:
+        cfg, rd = self.cfg, self.run_dir
+        if rd.done:
+            return rd
+        rd.create()
+        resuming = rd.checkpoint_path.exists()
+        torch.manual_seed(cfg.seed)
+        if cfg.head_init == "probe" and not resuming:
+            probe_head(cfg, self.data, self.pipe, self.device)
+        if get_mode(cfg.mode).calibrate and not resuming:
+            first = next(self.data.train_batches(start=0, stream="calibrate"))
+            with torch.no_grad():
+                x = torch.cat([b[0] for b in first]).to(self.device)
+                self.pipe.trainable.calibrate(self.pipe.post(self.pipe.pre(x)))
+        finalize_trainable(self.pipe, cfg)
+        self.pipe.trainable.train()
+        opt = _optimizer(cfg, self.pipe)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.lr_decay_steps), cfg.lr_decay)
+        step, running, n_loss = 0, 0.0, 0  # running: summed training loss since the last evaluation
+        if resuming:
+            step, running, n_loss = self._restore(opt, sched)
+        else:
+            rd.failed and (rd.path / "failed").unlink()
+            rd.append_rows(self._evaluate(0))
+            self._save(0, opt, sched)
+        if cfg.lin_primal_cache:
+            self._attach_primal_cache()
+            stream = self._primal_stream(step)
+        else:
+            stream = self.data.train_batches(start=step, stream="train")
+        bar = _progress(cfg, step)
+        t0, n_img = time.perf_counter(), 0
+        while step < cfg.steps:
+            batches = next(stream)
+            loss = self._loss(self.pipe.trainable, batches)
+            if not math.isfinite(loss.item()):
+                reason = f"non-finite loss ({loss.item()}) at step {step + 1}"
+                rd.append_rows([dict(run=cfg.run_id, kind="train", step=step + 1, metric="loss", value=loss.item())])
+                rd.mark_failed(reason)
+                bar.close()
+                raise RunFailed(f"{rd.path.name}: {reason}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self._sync_grads()
+            opt.step()
+            sched.step()
+            step += 1
+            self.avg.update(step, self.pipe.trainable)
+            running, n_loss, n_img = running + loss.item(), n_loss + 1, n_img + sum(len(b[1]) for b in batches)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.1e}",
+                            img_s=f"{n_img / (time.perf_counter() - t0):.0f}", refresh=False)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                rows = [dict(run=cfg.run_id, kind="train", step=step, metric="loss", value=running / n_loss),
+                        dict(run=cfg.run_id, kind="train", step=step, metric="img_per_s",
+                             value=n_img / (time.perf_counter() - t0))]
+                rd.append_rows(rows + self._evaluate(step))
+                self._save(step, opt, sched)
+                running, n_loss = 0.0, 0
+            elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                self._save(step, opt, sched, (running, n_loss))
+        bar.close()
+        from linft.training.selection import selection_rows
+        rd.append_rows(selection_rows(cfg, rd.read_rows()))
+        final = {"trainable": self.pipe.trainable.state_dict()}
+        if self.avg.mean is not None:
+            final["traj_avg"] = self.avg.params(self.pipe.trainable)
+        self._save_final(final)
+        rd.mark_done()
+        return rd
+
+
+def _progress(cfg: RunConfig, start: int):
+    from tqdm.auto import tqdm
+    return tqdm(total=cfg.steps, initial=start, disable=cfg.quiet, desc=cfg.run_id, unit="step",
+                dynamic_ncols=True, leave=False)
