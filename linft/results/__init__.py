@@ -1,0 +1,1 @@
+"""Results: run folders -> one tidy DataFrame -> selection methods, tables, figures, report."""
