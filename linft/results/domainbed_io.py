@@ -36,12 +36,13 @@ def read_domainbed_sweep(path: str | os.PathLike,
     ``envs``: dataset -> env names in DomainBed's env index order; defaults to DomainBed's
     ENVIRONMENTS (VLCS: C, L, S, V; ...) and to "env{i}" for other datasets.  ``setting`` is
     str(hparams_seed), ``trial`` is trial_seed, ``method`` is the algorithm, ``run`` the
-    subfolder name.  frame.attrs holds "envs" (the orders used) and "n_records" (JSON lines).
+    subfolder name, ``done`` whether the run wrote ``done``.  frame.attrs["envs"] holds the env
+    orders used (collect_results reads it when not given ``envs``).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise LinftError(f"{path}: not a folder (expected a DomainBed sweep output folder)")
-    rows, orders, n_records = [], {}, 0
+    rows, orders = [], {}
     for sub in sorted(os.listdir(path)):
         results = os.path.join(path, sub, "results.jsonl")
         if not os.path.isfile(results):
@@ -78,11 +79,9 @@ def read_domainbed_sweep(path: str | os.PathLike,
                         if key in rec:
                             rows.append((method, dataset, tenv, trial, setting, sub, step,
                                          names[i], split, float(rec[key]), done))
-                n_records += 1
     if not rows:
         raise LinftError(f"{path}: no results — no subfolder holds a results.jsonl with records "
                          f"(expected <sweep>/<run>/results.jsonl)")
     frame = pd.DataFrame(rows, columns=[*FRAME_COLUMNS, "done"])
     frame.attrs["envs"] = orders
-    frame.attrs["n_records"] = n_records
     return frame

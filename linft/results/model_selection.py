@@ -22,7 +22,8 @@ b93c22a) exactly, quirks included:
 * the averages table averages, per trial, the chosen accs over that trial's test envs
   (whichever exist), then mean and standard error over trials.
 
-Record order matters only for exact ties between records of one setting (and for the last
+A record is one (run, step); rows repeating a (run, step, env, split) keep the last acc (DomainBed
+would count a step written twice as two records).  Record order matters only for exact ties between records of one setting (and for the last
 bits of float sums); it is the frame's row order (DomainBed: file order).  Settings and trials
 are ordered by a natural key (integers numerically, else as strings).
 
@@ -76,9 +77,6 @@ class _Record:
     run: str
     step: int
     acc: Mapping[tuple[int, str], float]   # (env index, "in"/"out") -> accuracy
-
-
-RunAcc = Callable[[list], "dict | None"]
 
 
 @dataclass(frozen=True)
@@ -234,9 +232,6 @@ def env_orders(frame: pd.DataFrame, envs: Mapping[str, Sequence[str]] | None = N
 
 
 def _records(frame: pd.DataFrame, envs: Mapping[str, tuple[str, ...]]) -> list[_Record]:
-    missing = [c for c in FRAME_COLUMNS if c not in frame.columns]
-    if missing:
-        raise LinftError(f"checkpoint frame lacks columns {missing} (needs {list(FRAME_COLUMNS)})")
     bad = set(frame["split"]) - {"in", "out"}
     if bad:
         raise LinftError(f"checkpoint frame: split must be 'in' or 'out', got {sorted(map(str, bad))}")
@@ -285,6 +280,9 @@ def _avg(means: list[float]) -> float:
 def collect_results(frame: pd.DataFrame, selections: Sequence[str] = DOMAINBED_SELECTIONS,
                     envs: Mapping[str, Sequence[str]] | None = None) -> SelectionResults:
     """Run each named selection method of SELECTION_METHODS over a checkpoint frame."""
+    missing = [c for c in FRAME_COLUMNS if c not in frame.columns]
+    if missing:
+        raise LinftError(f"checkpoint frame lacks columns {missing} (needs {list(FRAME_COLUMNS)})")
     if len(frame) == 0:
         raise LinftError("checkpoint frame is empty: no results to select from")
     unknown = [s for s in selections if s not in SELECTION_METHODS]
@@ -326,9 +324,8 @@ def collect_results(frame: pd.DataFrame, selections: Sequence[str] = DOMAINBED_S
                 dataset_means.append(mean), dataset_ns.append(n)
             avgs.append({**base, "dataset": "Avg", "mean": _avg(dataset_means), "se": math.nan,
                          "n": min(dataset_ns)})
-    n_records = frame.attrs.get("n_records", len(records))
     cell_cols = ["selection", "method", "setting", "row", "dataset", "test_env", "mean", "se", "n"]
     return SelectionResults(
         cells=pd.DataFrame(cells, columns=cell_cols).astype({"n": int}),
         averages=pd.DataFrame(avgs, columns=[c for c in cell_cols if c != "test_env"]).astype({"n": int}),
-        envs=orders, n_records=int(n_records))
+        envs=orders, n_records=len(records))
