@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +40,7 @@ from linft.runs.modes import get_mode
 from linft.training.pipeline import BuiltRun, build_run, finalize_trainable, probe_head
 from linft.core.params import block_of, delta_comparison, differing, weight_distance
 from linft.errors import LinftError
-from linft.runs.store import atomic_write_text, load_checkpoint
+from linft.runs.store import ChildDir, load_checkpoint
 
 KINDS = ("distance", "interp", "funcinterp", "identity", "linearity", "ntk")
 BN_POLICIES = ("frozen",)
@@ -237,7 +236,7 @@ def analysis_dir(kind: str, runs: list[str | Path], options: dict) -> Path:
 
 
 def read_rows(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
+    return ChildDir(folder).read_rows()
 
 
 def cached(kind: str, runs: list[str | Path], options: dict, compute: Callable[[], tuple[list[dict], dict]]) -> list[dict]:
@@ -245,21 +244,14 @@ def cached(kind: str, runs: list[str | Path], options: dict, compute: Callable[[
     paths = [Path(p) for p in runs]
     for p in paths:
         _run_config(p)
-    folder = paths[0] / "analyses" / analysis_id(kind, [p.name for p in paths], options)
-    if (folder / "done").exists():
-        return read_rows(folder)
+    child = ChildDir(paths[0] / "analyses" / analysis_id(kind, [p.name for p in paths], options))
+    if child.done:
+        return child.read_rows()
     rows, info = compute()
     run_id = Path(runs[0]).name
-    rows = [{"run": run_id, "kind": kind, **r} for r in rows]
-    meta = {"kind": kind, "runs": [str(Path(p).name) for p in runs], "options": options, **info}
-    atomic_write_text(folder / "config.json", json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n")
-    atomic_write_text(folder / "rows.jsonl", "".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in rows))
-    atomic_write_text(folder / "done", "")
+    rows = [{"run": run_id, "kind": kind, "analysis": child.path.name, **r} for r in rows]
+    child.write({"kind": kind, "runs": [str(Path(p).name) for p in runs], "options": options, **info}, rows)
     return rows
-
-
-def _clean(r: dict) -> dict:
-    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
 
 
 # -- distance ------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ def register_all(sub) -> None:
     train_cli.register(sub)
     from linft.cli import sweep as sweep_cli
     sweep_cli.register(sub)
-    from linft.results import report
-    report.register(sub)
+    from linft.cli import results
+    results.register(sub)
     from linft.cli import bench
     bench.register(sub)
     from linft.cli import analyze as analyze_cli

@@ -1,14 +1,18 @@
-"""Run folders: atomic files, checkpoints, tidy JSONL rows, and the done / failed markers.
+"""The one run store: atomic files, checkpoints, tidy JSONL rows (:mod:`linft.runs.rows`), and the
+done / failed markers of run folders and of their child folders (analyses, soups, trends).
 
-A run folder ``<root>/<run_id>/`` holds ``config.json``, ``results.jsonl`` (one tidy row per
-measurement, DESIGN.md), ``checkpoint.pt`` (written atomically), ``final.pt``, and ``done`` or
-``failed`` (with the reason). Rows are appended and fsynced line by line; on resume the rows past
-the checkpoint's step are dropped, so a killed run never leaves duplicated or torn rows.
+A run folder ``<root>/<run_id>/`` holds ``config.json``, ``results.jsonl``, ``checkpoint.pt``
+(written atomically), ``final.pt``, and ``done`` or ``failed`` (with the reason); children live in
+``<run>/analyses/<kind>-<sha256[:12]>/{config.json, rows.jsonl, done}``.
+
+One policy for a torn file: rows are appended and fsynced line by line, so a kill can leave only the
+*last* line incomplete (no trailing newline); readers drop such a tail, and a run resumes from its
+checkpoint, rewriting its rows up to the checkpoint's step. Any other unreadable line is damage, not
+a kill: it is one :class:`~linft.errors.LinftError` naming file and line, never silently skipped.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +21,7 @@ from typing import Any, Iterable
 import torch
 
 from linft.runs.config import RunConfig
+from linft.runs.rows import clean
 from linft.errors import LinftError
 
 
@@ -65,10 +70,69 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/inf; keep the fact, readable
-    return v
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file (the store's one torn-tail policy, module docstring); [] if missing."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.split("\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines):  # the last line, without its newline: a write cut short by a kill
+                break
+            raise LinftError(f"{path}:{i}: damaged row (not JSON); the file was edited or corrupted") from None
+    return rows
+
+
+def _lines(rows: Iterable[dict]) -> str:
+    return "".join(json.dumps(clean(r), sort_keys=True) + "\n" for r in rows)
+
+
+def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Append rows and fsync (a kill can tear only the last line)."""
+    lines = _lines(rows)
+    if not lines:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(lines)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Replace the file with ``rows``, atomically."""
+    atomic_write_text(path, _lines(rows))
+
+
+class ChildDir:
+    """A done-marked child folder of a run (an analysis, a soup, a trend): ``config.json`` (what
+    produced the rows: kind, member runs, options), ``rows.jsonl``, then ``done``, written in that
+    order so that a folder with ``done`` is complete and is read back, never recomputed."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def done(self) -> bool:
+        return (self.path / "done").exists()
+
+    def read_rows(self) -> list[dict]:
+        return read_jsonl(self.path / "rows.jsonl")
+
+    def read_config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+    def write(self, config: dict, rows: list[dict]) -> None:
+        atomic_write_text(self.path / "config.json", json.dumps(config, indent=1, sort_keys=True, default=str) + "\n")
+        write_jsonl(self.path / "rows.jsonl", rows)
+        atomic_write_text(self.path / "done", "")
 
 
 class RunDir:
@@ -110,30 +174,15 @@ class RunDir:
 
     # -- rows ----------------------------------------------------------------------------------
     def append_rows(self, rows: Iterable[dict]) -> None:
-        lines = "".join(json.dumps({k: _clean(v) for k, v in r.items()}, sort_keys=True) + "\n" for r in rows)
-        if not lines:
-            return
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.rows_path, "a") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.rows_path, rows)
 
     def read_rows(self) -> list[dict]:
-        if not self.rows_path.exists():
-            return []
-        rows = []
-        for line in self.rows_path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from a kill mid-write
-        return rows
+        return read_jsonl(self.rows_path)
 
     def truncate_rows(self, last_step: int) -> None:
         """Keep the training rows up to ``last_step`` (the checkpoint's) and drop the rest."""
         rows = [r for r in self.read_rows() if r.get("step", -1) <= last_step and r.get("kind") in ("train", "eval")]
-        atomic_write_text(self.rows_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        write_jsonl(self.rows_path, rows)
 
 
 def run_state(path: Path) -> str:
