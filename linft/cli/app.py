@@ -1,4 +1,7 @@
-"""Command line: thin parse -> call. User errors print one line and exit 2 (no traceback)."""
+"""Command line: thin parse -> call. User errors print one line and exit 2 (no traceback).
+
+Building the parser imports no torch, pandas or plotting library: every command imports what it
+needs when it runs (``linft --help`` answers in well under a second)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +12,9 @@ from linft.errors import LinftError
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from linft import __version__
     parser = argparse.ArgumentParser(prog="linft", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"linft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     from linft.cli.commands import register_all
     register_all(sub)

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from linft.results import collect
-from linft.results.report import _frame, make_figures, write_report
+from linft.errors import LinftError
 
 
 def _collect(args) -> int:
-    df = _frame(args.root)
+    from linft.results import collect
+    from linft.results.report import _frame
     out = Path(args.out)
+    if out.suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise LinftError("--out *.parquet needs pyarrow: pip install 'linft[parquet]' (or write .csv)") from None
+    df = _frame(args.root)
     if out.suffix == ".parquet":
         df.to_parquet(out)
     else:
@@ -23,12 +29,14 @@ def _collect(args) -> int:
 
 
 def _plot(args) -> int:
+    from linft.results.report import make_figures
     for p in make_figures(args.root, args.out):
         print(p)
     return 0
 
 
 def _report(args) -> int:
+    from linft.results.report import write_report
     print(write_report(args.root, args.out))
     return 0
 

@@ -14,13 +14,27 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from linft.core.heads import HEAD_INITS, check_dropout_rate
 from linft.errors import ConfigError
-from linft.runs.modes import MODES, get_mode
 
 HEAD_INIT_CHOICES = ("random", "probe")
 BN_POLICIES = ("frozen",)
 LOADERS = ("pil", "device")
+LIN_ENGINES = ("jvp", "onepass")
+
+
+def _doc(help: str, choices=None, semantic: bool = True, unit: str = "") -> dict:
+    """Field metadata: the one place a field's meaning is written (``linft train --help`` shows it)."""
+    md: dict[str, Any] = {"help": help + (f" [{unit}]" if unit else "")}
+    if choices is not None:
+        md["choices"] = choices
+    if not semantic:
+        md["semantic"] = False
+    return md
+
+
+def _mode_names() -> tuple[str, ...]:
+    from linft.runs.modes import MODES  # imports torch: only when the choices are needed
+    return tuple(MODES)
 
 
 @dataclass(frozen=True)
@@ -28,54 +42,86 @@ class RunConfig:
     """One fine-tuning run. Defaults: [ZB] protocol on PACS with ResNet50 IMAGENET1K_V2 weights."""
 
     # -- what is trained, on what ------------------------------------------------------------
-    dataset: str = "PACS"
-    test_envs: tuple[str, ...] = ()     # empty: the dataset's first environment (DomainBed's test_envs=[0])
-    backbone: str = "resnet50.in1k_v2"
-    mode: str = "full"                  # one of MODES
-    k: int = 3                          # tail = last k residual blocks (ResNet50: layer4)
-    p: float = 0.0                      # dropout rate on the pooled representation
-    head_init: str = "random"           # "random" (DomainBed) or "probe" (linear probe first: LP-FT)
-    probe_steps: int = 300              # steps of head-only training when head_init == "probe"
-    bn: str = "frozen"                  # BatchNorm policy: pre-trained statistics, never updated
-    resolution: int = 0                 # 0: the backbone's native resolution
-    augment: bool = True                # DomainBed's train augmentation (excludes the feature cache)
-    feature_cache: bool = False         # tail/linear/unfolded/probe: read frozen-trunk features from disk
-    loader: str = "pil"                 # "pil": DomainBed's PIL/torchvision loader; "device": decoded-once
-                                        # uint8 store + batched augmentation on the run's device (GPU speed)
-    holdout: float = 0.2                # fraction of every domain held out (the "out" split)
-    n_per_domain: int = 0               # 0: all; else a nested per-domain subsample of the "in" split
-    dataset_limit: int = 0              # MNIST-derived sets: 0 all images, else the first N of the shuffle
+    dataset: str = field(default="PACS", metadata=_doc("dataset name (DomainBed's, or an MNIST-derived set)"))
+    test_envs: tuple[str, ...] = field(default=(), metadata=_doc(
+        "held-out test domains, comma-separated; empty: the dataset's first domain (DomainBed's test_envs=[0])"))
+    backbone: str = field(default="resnet50.in1k_v2", metadata=_doc(
+        "registry name <arch>.<weights>, e.g. resnet50.in1k_v2, efficientnet_lite0.in1k, resnet50.random"))
+    mode: str = field(default="full", metadata=_doc("what trains and what stays frozen ([ZB] Sec. 3-4)",
+                                                     choices=_mode_names))
+    k: int = field(default=3, metadata=_doc("tail = the last k residual blocks (ResNet50: 3 = layer4)", unit="blocks"))
+    p: float = field(default=0.0, metadata=_doc("dropout rate on the pooled representation, in [0, 1)"))
+    head_init: str = field(default="random", metadata=_doc(
+        "where the new head starts: random (DomainBed) or probe (linear probe first: LP-FT)",
+        choices=HEAD_INIT_CHOICES))
+    probe_steps: int = field(default=300, metadata=_doc("head-only training steps when head_init is probe",
+                                                        unit="steps"))
+    bn: str = field(default="frozen", metadata=_doc("BatchNorm policy: pre-trained statistics, never updated",
+                                                    choices=BN_POLICIES))
+    resolution: int = field(default=0, metadata=_doc("input side; 0: the backbone's native resolution", unit="pixels"))
+    augment: bool = field(default=True, metadata=_doc(
+        "DomainBed's train augmentation (excludes the feature cache)"))
+    feature_cache: bool = field(default=False, metadata=_doc(
+        "modes tail/linear/unfolded/probe: read frozen-trunk features from disk (needs --no-augment)"))
+    loader: str = field(default="pil", metadata=_doc(
+        "pil: DomainBed's PIL/torchvision loader; device: decoded-once uint8 store + batched augmentation on the "
+        "run's device (GPU speed)", choices=LOADERS))
+    holdout: float = field(default=0.2, metadata=_doc("fraction of every domain held out (the 'out' split), in (0, 1)"))
+    n_per_domain: int = field(default=0, metadata=_doc(
+        "0: all; else a nested per-domain subsample of the 'in' split", unit="images"))
+    dataset_limit: int = field(default=0, metadata=_doc(
+        "MNIST-derived sets: 0 all images, else the first N of the shuffle", unit="images"))
     # -- optimisation ([ZB] Sec. 4: SGD momentum 0.9, 10k steps, lr x0.1 at 5k) ----------------
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    steps: int = 10_000
-    lr_decay_steps: tuple[int, ...] = (5_000,)
-    lr_decay: float = 0.1
-    batch_size: int = 32                # per training domain
-    last_layer_lr_mult: float = 1.0     # 10: the "10x last-layer learning rate" trick
-    eval_every: int = 300               # checkpoints/evaluation (and trajectory ensemble members)
-    traj_start: int = 300               # trajectory averaging / ensembling starts at this step
-    seed: int = 0                       # training seed (init, minibatches, dropout masks)
-    trial_seed: int = 0                 # data-split seed, kept apart from the training seed
+    lr: float = field(default=1e-3, metadata=_doc("SGD learning rate"))
+    weight_decay: float = field(default=1e-4, metadata=_doc("SGD weight decay (L2)"))
+    momentum: float = field(default=0.9, metadata=_doc("SGD momentum, in [0, 1)"))
+    steps: int = field(default=10_000, metadata=_doc("training steps", unit="steps"))
+    lr_decay_steps: tuple[int, ...] = field(default=(5_000,), metadata=_doc(
+        "steps at which the lr is multiplied by lr_decay, comma-separated", unit="steps"))
+    lr_decay: float = field(default=0.1, metadata=_doc("lr factor at each of lr_decay_steps"))
+    batch_size: int = field(default=32, metadata=_doc("examples per training domain per step", unit="images"))
+    last_layer_lr_mult: float = field(default=1.0, metadata=_doc(
+        "head lr multiplier; 10: the '10x last-layer learning rate' trick"))
+    eval_every: int = field(default=300, metadata=_doc(
+        "evaluation + checkpoint interval (also trajectory-ensemble members)", unit="steps"))
+    traj_start: int = field(default=300, metadata=_doc("trajectory averaging / ensembling starts here", unit="steps"))
+    seed: int = field(default=0, metadata=_doc("training seed (head init, minibatches, dropout masks)"))
+    trial_seed: int = field(default=0, metadata=_doc("data-split seed, kept apart from the training seed"))
+    weights_sha256: str = field(default="", metadata=_doc(
+        "sha256 of weights_file (filled in from the file; the run id hashes it, never the path)"))
     # -- not semantic: never part of the run id ------------------------------------------------
-    data_root: str = field(default="", metadata={"semantic": False})
-    cache_dir: str = field(default="", metadata={"semantic": False})
-    device: str = field(default="auto", metadata={"semantic": False})
-    workers: int = field(default=0, metadata={"semantic": False})
-    quiet: bool = field(default=False, metadata={"semantic": False})
-    checkpoint_every: int = field(default=0, metadata={"semantic": False})  # 0: at every evaluation
+    data_root: str = field(default="", metadata=_doc("dataset folder (DomainBed's --data_dir)", semantic=False))
+    cache_dir: str = field(default="", metadata=_doc(
+        "derived data (feature caches, uint8 stores); empty: <data_root>/.linft_cache", semantic=False))
+    device: str = field(default="auto", metadata=_doc("auto (cuda if available), cpu, cuda, cuda:1 ...",
+                                                      semantic=False))
+    workers: int = field(default=0, metadata=_doc("data-loader worker processes", semantic=False))
+    quiet: bool = field(default=False, metadata=_doc(
+        "print nothing while training (no bar, no evaluation lines)", semantic=False))
+    checkpoint_every: int = field(default=0, metadata=_doc(
+        "extra checkpoints between evaluations; 0: at every evaluation", semantic=False, unit="steps"))
     # how the Taylor model is computed (same values to float precision, so not semantic)
-    lin_engine: str = field(default="onepass", metadata={"semantic": False})
-    # mode "linear" on cached features: keep the primal activations at theta0 per training example
-    # (a step then costs ~4/3 instead of 5/3 of a standard one; memory grows with the data set)
-    lin_primal_cache: bool = field(default=False, metadata={"semantic": False})
+    lin_engine: str = field(default="onepass", metadata=_doc(
+        "how the Taylor model is computed (same values to float precision)", choices=LIN_ENGINES, semantic=False))
+    lin_primal_cache: bool = field(default=False, metadata=_doc(
+        "mode linear on cached features: keep the primal activations at theta0 per training example (a step "
+        "costs ~4/3 instead of 5/3 of a standard one; memory grows with the data set)", semantic=False))
+    weights_file: str = field(default="", metadata=_doc(
+        "your own weights for the backbone's architecture (a state dict read with torch.load(weights_only=True)); "
+        "empty: the registry's file", semantic=False))
+    tensorboard: str = field(default="", metadata=_doc(
+        "mirror every row to TensorBoard event files in DIR/<run id> (needs the tensorboard package)",
+        semantic=False))
+    keep_checkpoint: bool = field(default=False, metadata=_doc(
+        "keep checkpoint.pt (optimizer, average, ensemble) after the run is done; default: only final.pt stays",
+        semantic=False))
 
     def __post_init__(self) -> None:
         for f in fields(self):  # JSON gives lists; the dataclass is frozen and hashable with tuples
             v = getattr(self, f.name)
             if isinstance(v, list):
                 object.__setattr__(self, f.name, tuple(v))
+        _fill_weights_sha256(self)
         _validate(self)
 
     # -- identity ------------------------------------------------------------------------------
@@ -143,13 +189,16 @@ def _coerce(name: str, typ: Any, v: Any) -> Any:
 
 
 def _validate(c: RunConfig) -> None:
+    from linft.core.heads import HEAD_INITS, check_dropout_rate  # torch: not needed to build the CLI
+    from linft.runs.modes import get_mode
+
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
     mode = get_mode(c.mode)
     check_dropout_rate(c.p)
     need(c.head_init in HEAD_INIT_CHOICES, f"head_init must be one of {HEAD_INIT_CHOICES}, got {c.head_init!r}")
-    need(c.lin_engine in ("jvp", "onepass"), f"lin_engine must be 'jvp' or 'onepass', got {c.lin_engine!r}")
+    need(c.lin_engine in LIN_ENGINES, f"lin_engine must be 'jvp' or 'onepass', got {c.lin_engine!r}")
     need(c.bn in BN_POLICIES, f"bn must be one of {BN_POLICIES}, got {c.bn!r}")
     need(c.k >= 0, f"k must be >= 0, got {c.k}")
     need(c.lr > 0 and c.weight_decay >= 0 and 0 <= c.momentum < 1, "need lr > 0, weight_decay >= 0, 0 <= momentum < 1")
@@ -172,3 +221,56 @@ def _validate(c: RunConfig) -> None:
     need(not (c.loader == "device" and c.feature_cache),
          "loader 'device' reads images; the feature cache replaces them (use one or the other)")
     assert set(HEAD_INITS) >= {"random"}
+
+
+# -- a user's own weights: the run id hashes the file's content, never its path ------------------
+_SHA_MEMO: dict[tuple, str] = {}
+
+
+def weights_file_sha256(path: str | Path) -> str:
+    """sha256 of a weights file, memoised by (real path, size, mtime) so a sweep hashes each file once."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"weights file {str(p)!r} does not exist")
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        _SHA_MEMO[key] = h.hexdigest()
+    return _SHA_MEMO[key]
+
+
+def _fill_weights_sha256(c: RunConfig) -> None:
+    """``weights_file`` set: fill ``weights_sha256`` from it, or check that a recorded hash still
+    matches the file. A recorded hash with no file at hand (a finished run read elsewhere) is kept."""
+    if not c.weights_file:
+        return
+    path = Path(c.weights_file).expanduser()
+    if c.weights_sha256 and not path.is_file():
+        return
+    digest = weights_file_sha256(path)
+    if c.weights_sha256 and c.weights_sha256 != digest:
+        raise ConfigError(f"weights file {c.weights_file!r} has sha256 {digest[:12]}... but the config records "
+                          f"{c.weights_sha256[:12]}...: the file changed (set weights_sha256 to '' to adopt it)")
+    object.__setattr__(c, "weights_sha256", digest)
+
+
+# -- field documentation (the command line is generated from it) ---------------------------------
+@dataclass(frozen=True)
+class FieldDoc:
+    name: str
+    type: str          # "int", "float", "str", "bool", "tuple[int, ...]", "tuple[str, ...]"
+    default: Any
+    help: str
+    semantic: bool
+    choices: Any       # a tuple, a callable returning one (resolved lazily), or None
+
+
+def field_docs() -> list[FieldDoc]:
+    """Every RunConfig field with its meaning, default, choices and whether it enters the run id
+    (``linft train --help`` is built from this; nothing here imports torch)."""
+    return [FieldDoc(f.name, str(f.type), f.default, f.metadata.get("help", ""), f.metadata.get("semantic", True),
+                     f.metadata.get("choices")) for f in fields(RunConfig)]

@@ -87,21 +87,25 @@ def _train_command(cfg: RunConfig, root: Path) -> list[str]:
     return [sys.executable, "-m", "linft.cli", "train", "--config", str(cfg_file), "--root", str(root)]
 
 
-def launch(exp: Experiment, root: str | Path, jobs: int = 1, quiet: bool = True) -> dict[str, int]:
+def launch(exp: Experiment, root: str | Path, jobs: int = 1, quiet: bool = False) -> dict[str, int]:
     """Run every run that is not done, ``jobs`` processes at a time (one per GPU when there are
-    GPUs and ``jobs`` equals their number). Returns counts of done / failed after the launch."""
+    GPUs and ``jobs`` equals their number). Returns counts of done / failed after the launch.
+
+    Each run's output goes to ``<root>/.sweep/<run id>.log`` as it happens: one line per evaluation
+    (unbuffered; no progress bar, as the log is no terminal); ``quiet`` silences the runs. This
+    process prints one line per finished run (a bar too when stderr is a terminal)."""
     root = Path(root)
     todo = [c.replace(quiet=quiet or c.quiet) for c in exp.configs if run_state(root / c.run_id) != "done"]
     n_gpu = _gpu_count()
     running: list[tuple[subprocess.Popen, RunConfig]] = []
     failed = 0
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(todo), desc=f"sweep {exp.name}", unit="run")
+    bar = tqdm(total=len(todo), desc=f"sweep {exp.name}", unit="run", disable=not sys.stderr.isatty())
     slot = 0
     for cfg in todo:
         while len(running) >= jobs:
             failed += _reap(running, bar)
-        env = dict(os.environ)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
         if n_gpu and jobs > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % n_gpu)
         if jobs > 1:
@@ -110,6 +114,7 @@ def launch(exp: Experiment, root: str | Path, jobs: int = 1, quiet: bool = True)
         cmd = _train_command(cfg, root)
         log = open(root / ".sweep" / f"{cfg.run_id}.log", "w")
         running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), cfg))
+        log.close()  # the child holds its own descriptor
     while running:
         failed += _reap(running, bar)
     bar.close()
@@ -124,6 +129,9 @@ def _reap(running, bar) -> int:
             if proc.poll() is not None:
                 running.pop(i)
                 bar.update(1)
+                bar.finished = getattr(bar, "finished", 0) + 1
+                state = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+                bar.write(f"sweep: {cfg.run_id} {state} ({bar.finished}/{bar.total})", file=sys.stderr)
                 return int(proc.returncode != 0)
         time.sleep(0.2)
 

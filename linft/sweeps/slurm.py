@@ -24,7 +24,6 @@ from pathlib import Path
 
 from linft.runs.config import RunConfig
 from linft.errors import LinftError
-from linft.runs.store import run_state
 
 try:  # submitit is needed by this launcher only
     import submitit
@@ -57,7 +56,9 @@ class TrainRun(Checkpointable):
         self.config, self.root, self.gpus = config, str(root), gpus
 
     def __call__(self) -> str:
-        cfg = RunConfig.from_dict(self.config).replace(quiet=True)
+        from linft.runs.store import run_state
+        # not quiet: the run's evaluation lines stream into the job's log as they happen (no bar: no terminal)
+        cfg = RunConfig.from_dict(self.config)
         if self.gpus > 1:
             cfg_file = Path(self.root) / ".sweep" / f"{cfg.run_id}.json"
             cfg_file.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +103,7 @@ def launch_slurm(exp, root: str | Path, opts: SlurmOptions, configs: list[RunCon
 
     Runs already done are skipped; a run that is running or was interrupted is resubmitted and
     resumes from its checkpoint (do not launch a sweep twice while its jobs are still queued)."""
+    from linft.runs.store import run_state
     root = Path(root).resolve()
     todo = [c for c in (configs if configs is not None else exp.configs) if run_state(root / c.run_id) != "done"]
     if not todo:

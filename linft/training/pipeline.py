@@ -55,7 +55,7 @@ def build_pipeline(cfg: RunConfig, num_classes: int, device: torch.device) -> Pi
     torch.manual_seed(cfg.seed)
     mode = get_mode(cfg.mode)
     name = cfg.backbone.split(".")[0] + ".random" if mode.random_weights else cfg.backbone
-    model, spec = build_backbone(name)
+    model, spec = build_backbone(name, None if mode.random_weights or not cfg.weights_file else cfg.weights_file)
     sp = split_network(model, cfg.k, num_classes, p=cfg.p)
     for part in (sp.trunk, sp.tail, sp.head):
         freeze_batchnorm(part)

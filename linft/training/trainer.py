@@ -21,6 +21,8 @@ from linft.runs.config import RunConfig
 from linft.runs.modes import get_mode
 from linft.training.evaluate import TrajectoryAverage, TrajectoryEnsemble, channels_last, eval_rows, metrics, predict
 from linft.training.pipeline import Pipeline, build_run, finalize_trainable, probe_head
+from linft.training.progress import RunProgress
+from linft.training.tensorboard import open_mirror, require_tensorboard
 from linft.runs.store import RunDir, atomic_torch_save, load_checkpoint
 
 
@@ -48,6 +50,9 @@ class Trainer:
         self.avg = TrajectoryAverage(cfg.traj_start)
         self.ens = TrajectoryEnsemble(cfg.traj_start)
         self.primal = None  # lin_primal_cache: PrimalCache over the training examples
+        self.tb = None      # tensorboard=DIR: every row is mirrored there as it is written
+        if cfg.tensorboard:
+            require_tensorboard()  # before any work: a missing package is one line, not a late crash
 
     def _attach_primal_cache(self) -> None:
         """Cache the primal stream at theta0 for every training example ("in" splits of the
@@ -92,6 +97,17 @@ class Trainer:
 
     def _save_final(self, final: dict) -> None:
         atomic_torch_save(final, self.run_dir.final_path)
+
+    def _append(self, rows: list[dict]) -> None:
+        self.run_dir.append_rows(rows)
+        if self.tb is not None:
+            self.tb.add_rows(rows)
+
+    def _drop_checkpoint(self) -> None:
+        """After ``done``: final.pt is all a finished run needs (analyses read config.json + final.pt);
+        the checkpoint (weights, momentum, average, ensemble) goes unless keep_checkpoint."""
+        if not self.cfg.keep_checkpoint and self.run_dir.done:
+            self.run_dir.checkpoint_path.unlink(missing_ok=True)
 
     # -- one optimisation step ---------------------------------------------------------------
     def _loss(self, module: nn.Module, batches) -> torch.Tensor:
@@ -167,25 +183,30 @@ class Trainer:
         step, running, n_loss = 0, 0.0, 0  # running: summed training loss since the last evaluation
         if resuming:
             step, running, n_loss = self._restore(opt, sched)
-        else:
+        if self._writes_rows():
+            self.tb = open_mirror(cfg, step if resuming else None)
+        progress = RunProgress(cfg, step)
+        if not resuming:
             rd.failed and (rd.path / "failed").unlink()
-            rd.append_rows(self._evaluate(0))
+            rows = self._evaluate(0)
+            self._append(rows)
+            progress.evaluated(0, rows, sched.get_last_lr()[0])
             self._save(0, opt, sched)
         if cfg.lin_primal_cache:
             self._attach_primal_cache()
             stream = self._primal_stream(step)
         else:
             stream = self.data.train_batches(start=step, stream="train")
-        bar = _progress(cfg, step)
         t0, n_img = time.perf_counter(), 0
         while step < cfg.steps:
             batches = next(stream)
             loss = self._loss(self.pipe.trainable, batches)
             if not math.isfinite(loss.item()):
                 reason = f"non-finite loss ({loss.item()}) at step {step + 1}"
-                rd.append_rows([dict(run=cfg.run_id, kind="train", step=step + 1, metric="loss", value=loss.item())])
+                self._append([dict(run=cfg.run_id, kind="train", step=step + 1, metric="loss", value=loss.item())])
                 rd.mark_failed(reason)
-                bar.close()
+                progress.close()
+                self._close_tb()
                 raise RunFailed(f"{rd.path.name}: {reason}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -195,30 +216,35 @@ class Trainer:
             step += 1
             self.avg.update(step, self.pipe.trainable)
             running, n_loss, n_img = running + loss.item(), n_loss + 1, n_img + sum(len(b[1]) for b in batches)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.1e}",
-                            img_s=f"{n_img / (time.perf_counter() - t0):.0f}", refresh=False)
+            progress.update(loss.item(), sched.get_last_lr()[0], n_img / (time.perf_counter() - t0))
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 rows = [dict(run=cfg.run_id, kind="train", step=step, metric="loss", value=running / n_loss),
                         dict(run=cfg.run_id, kind="train", step=step, metric="img_per_s",
                              value=n_img / (time.perf_counter() - t0))]
-                rd.append_rows(rows + self._evaluate(step))
+                rows += self._evaluate(step)
+                self._append(rows)
+                progress.evaluated(step, rows, sched.get_last_lr()[0])
                 self._save(step, opt, sched)
                 running, n_loss = 0.0, 0
             elif cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 self._save(step, opt, sched, (running, n_loss))
-        bar.close()
+        progress.close()
         from linft.training.selection import selection_rows
-        rd.append_rows(selection_rows(cfg, rd.read_rows()))
+        self._append(selection_rows(cfg, rd.read_rows()))
         final = {"trainable": self.pipe.trainable.state_dict()}
         if self.avg.mean is not None:
             final["traj_avg"] = self.avg.params(self.pipe.trainable)
         self._save_final(final)
         rd.mark_done()
+        self._close_tb()
+        self._drop_checkpoint()
         return rd
 
+    def _writes_rows(self) -> bool:
+        """Whether this process writes the run's rows (one process: yes; a rank of several: rank 0)."""
+        return getattr(self, "rank", 0) == 0
 
-def _progress(cfg: RunConfig, start: int):
-    from tqdm.auto import tqdm
-    return tqdm(total=cfg.steps, initial=start, disable=cfg.quiet, desc=cfg.run_id, unit="step",
-                dynamic_ncols=True, leave=False)
+    def _close_tb(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
