@@ -293,3 +293,23 @@ def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch, capsys):
     assert main(["collect", "--root", str(tmp_path), "--out", str(tmp_path / "x.parquet")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'linft[parquet]'" in err[0]
+
+
+def test_slurm_job_log_gets_the_live_lines(data_root, tmp_path, monkeypatch):
+    """The Slurm launcher no longer forces quiet: the job's log (submitit's local executor here)
+    holds one line per evaluation, without bar redraws."""
+    pytest.importorskip("submitit")
+    from linft.sweeps.grid import load_experiment
+    from linft.sweeps.slurm import SlurmOptions, launch_slurm
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    exp_file = tmp_path / "tiny.toml"
+    exp_file.write_text('[base]\ndataset = "PACS"\nbackbone = "tiny_resnet"\nk = 2\nresolution = 16\nsteps = 4\n'
+                        'eval_every = 2\ntraj_start = 1\nlr_decay_steps = [3]\nbatch_size = 4\nlr = 0.05\n'
+                        'mode = "tail"\n[grid]\np = [0.5]\n')
+    exp = load_experiment(str(exp_file), data_root=str(data_root))
+    jobs = launch_slurm(exp, tmp_path / "runs", SlurmOptions(cluster="local", time_min=5))
+    assert jobs[0].result() == "done"
+    rid = exp.configs[0].run_id
+    log = (tmp_path / "runs" / rid / "slurm.err").read_text()
+    assert [line.split()[2] for line in log.splitlines() if line.startswith(rid + " step ")] == ["0/4", "2/4", "4/4"]
+    assert "\r" not in log
