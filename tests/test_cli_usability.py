@@ -106,15 +106,15 @@ def test_building_the_parser_is_fast_and_imports_nothing_heavy():
 
 
 # -- 2. live progress ---------------------------------------------------------------------------
-def test_one_line_per_evaluation_streams_to_stderr(data_root, tmp_path):
+def test_one_line_per_evaluation_streams_to_stdout(data_root, tmp_path):
     """Lines reach a file (no terminal) while the run is still training, and no bar is drawn."""
     log = tmp_path / "log"
     args = [*TINY_ARGS, "--steps", "400", "--eval-every", "2", "--data-root", str(data_root),
             "--root", str(tmp_path / "runs")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "linft", "train", *args], stdout=subprocess.DEVNULL,
-                                stderr=f, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "linft", "train", *args], stdout=f,
+                                stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.time() + 120
         while "step 4/400" not in log.read_text() and time.time() < deadline and proc.poll() is None:
@@ -123,6 +123,8 @@ def test_one_line_per_evaluation_streams_to_stderr(data_root, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+    err = proc.stderr.read().decode()
+    assert "step" not in err and "it/s" not in err  # no bar (stderr is no terminal), no lines there
     text = log.read_text()
     assert "\r" not in text
     first = [line for line in text.splitlines() if "step 2/400" in line][0]
@@ -148,7 +150,8 @@ def test_sweep_log_gets_the_live_lines(data_root, tmp_path):
 def test_quiet_prints_nothing(data_root, tmp_path, capsys):
     from linft.training.launch import train
     train(tiny(data_root), tmp_path)
-    assert "step" not in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert "step" not in out.out and "step" not in out.err
 
 
 # -- 3. TensorBoard -----------------------------------------------------------------------------
@@ -310,6 +313,6 @@ def test_slurm_job_log_gets_the_live_lines(data_root, tmp_path, monkeypatch):
     jobs = launch_slurm(exp, tmp_path / "runs", SlurmOptions(cluster="local", time_min=5))
     assert jobs[0].result() == "done"
     rid = exp.configs[0].run_id
-    log = (tmp_path / "runs" / rid / "slurm.err").read_text()
+    log = (tmp_path / "runs" / rid / "slurm.out").read_text()
     assert [line.split()[2] for line in log.splitlines() if line.startswith(rid + " step ")] == ["0/4", "2/4", "4/4"]
     assert "\r" not in log

@@ -67,21 +67,22 @@ def _analyze(args) -> int:
         from linft.analysis.fidelity import size_trend
         if len(runs) < 2:
             raise LinftError("trend needs two or more runs (--run DIR --run DIR ...)")
+        # progress on stdout: stderr stays one line when the analysis stops on a user error
+        print(f"analysis trend of {len(runs)} runs: running (or reading back) each run's analyses...", flush=True)
         rows = size_trend(runs, kinds=tuple(k for k in args.kinds.split(",") if k),
                           weights=args.weights, dtype=args.dtype, device=args.device)
         for r in rows:
             print(f"n={r['n']:>6} {r['mode']:>7} p={r['p']:<4} {r['metric']:<26} {r.get('role', ''):>5} "
                   f"{r.get('split', ''):>3} {r['value']:.6g}")
         return 0
-    import sys
     import time
     from linft.analysis.loading import analysis_dir, analyze
     opts = _options(args)
     t0 = time.perf_counter()
-    print(f"analysis {args.kind} of {', '.join(r.name for r in runs)}: running (or reading back)...",
-          file=sys.stderr, flush=True)
+    # progress on stdout: stderr stays one line when the analysis stops on a user error
+    print(f"analysis {args.kind} of {', '.join(r.name for r in runs)}: running (or reading back)...", flush=True)
     rows = analyze(args.kind, runs, **opts)
-    print(f"analysis {args.kind}: {len(rows)} rows in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    print(f"analysis {args.kind}: {len(rows)} rows in {time.perf_counter() - t0:.0f} s", flush=True)
     print(analysis_dir(args.kind, runs, opts))
     for r in rows:
         if not (r.get("env") == "pooled" or r.get("level") == "total"):

@@ -208,9 +208,9 @@ def _runs_gc(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("train", help="train one run (resumes if interrupted; returns at once if done)",
                        formatter_class=ConfigHelpFormatter,
-                       description="Train one run. Prints the run folder, then one line per evaluation on "
-                                   "stderr (a progress bar too when stderr is a terminal), then the selected "
-                                   "test accuracies on stdout.")
+                       description="Train one run. Prints the run folder, one line per evaluation as it "
+                                   "happens, then the selected test accuracies, all on stdout (a progress bar "
+                                   "on stderr when it is a terminal; errors on stderr, one line).")
     p.add_argument("--config", help="a JSON or TOML file of RunConfig fields; flags override it")
     p.add_argument("--root", default="runs", help="runs folder (default: ./runs)")
     add_config_flags(p)

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -102,7 +101,7 @@ class FeatureCache:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on a crash
             if (final / "done").is_file():  # another process built it while we waited
                 return self._open(final, env.name, built=False)
-            print(f"feature cache: computing {env.name} ({len(env)} images) -> {final}", file=sys.stderr, flush=True)
+            print(f"feature cache: computing {env.name} ({len(env)} images) -> {final}", flush=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{digest}-", dir=self.dir))
             try:
                 self._build(tmp, trunk, key, env, mean, std)

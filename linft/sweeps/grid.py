@@ -93,7 +93,7 @@ def launch(exp: Experiment, root: str | Path, jobs: int = 1, quiet: bool = False
 
     Each run's output goes to ``<root>/.sweep/<run id>.log`` as it happens: one line per evaluation
     (unbuffered; no progress bar, as the log is no terminal); ``quiet`` silences the runs. This
-    process prints one line per finished run (a bar too when stderr is a terminal)."""
+    process prints one line per finished run on stdout (a bar too when stderr is a terminal)."""
     root = Path(root)
     todo = [c.replace(quiet=quiet or c.quiet) for c in exp.configs if run_state(root / c.run_id) != "done"]
     n_gpu = _gpu_count()
@@ -131,7 +131,8 @@ def _reap(running, bar) -> int:
                 bar.update(1)
                 bar.finished = getattr(bar, "finished", 0) + 1
                 state = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-                bar.write(f"sweep: {cfg.run_id} {state} ({bar.finished}/{bar.total})", file=sys.stderr)
+                bar.write(f"sweep: {cfg.run_id} {state} ({bar.finished}/{bar.total})", file=sys.stdout)
+                sys.stdout.flush()
                 return int(proc.returncode != 0)
         time.sleep(0.2)
 

@@ -1,7 +1,8 @@
-"""What a run shows while it trains: one plain, flushed line per evaluation on **stderr** (step, lr,
+"""What a run shows while it trains: one plain, flushed line per evaluation on **stdout** (step, lr,
 mean training loss since the last evaluation, i.i.d. and o.o.d. accuracy, images per second), in
-every context (a terminal, a sweep's log file, a Slurm job's log), and a tqdm bar only when stderr
-is a terminal (its redraws never pile up in a log). ``quiet`` shows nothing.
+every context (a terminal, a sweep's log file, a Slurm job's log), and a tqdm bar on stderr only
+when stderr is a terminal (its redraws never pile up in a log). stderr is left to errors, which stay
+one line. ``quiet`` shows nothing.
 
 i.i.d. accuracy: the mean over training domains of their held-out ``out`` split; o.o.d.: the mean
 over test domains of their ``in`` split (DomainBed's test-domain accuracy). Both for the current
@@ -38,14 +39,16 @@ def format_eval_line(run_id: str, step: int, steps: int, lr: float, loss: float 
 class RunProgress:
     """The bar (terminal only) and the per-evaluation lines of one run."""
 
-    def __init__(self, cfg: RunConfig, start: int, stream=None):
-        self.cfg, self.stream = cfg, stream if stream is not None else sys.stderr
+    def __init__(self, cfg: RunConfig, start: int, stream=None, bar_stream=None):
+        self.cfg = cfg
+        self.stream = stream if stream is not None else sys.stdout
+        bar_stream = bar_stream if bar_stream is not None else sys.stderr
         self.t0 = time.perf_counter()
         self.bar = None
-        if not cfg.quiet and _isatty(self.stream):
+        if not cfg.quiet and _isatty(bar_stream):
             from tqdm.auto import tqdm
             self.bar = tqdm(total=cfg.steps, initial=start, desc=cfg.run_id, unit="step", dynamic_ncols=True,
-                            leave=False, file=self.stream)
+                            leave=False, file=bar_stream)
 
     def update(self, loss: float, lr: float, img_s: float) -> None:
         if self.bar is not None:
@@ -60,7 +63,8 @@ class RunProgress:
         line = format_eval_line(self.cfg.run_id, step, self.cfg.steps, lr, loss, *eval_summary(rows), img_s,
                                 time.perf_counter() - self.t0)
         if self.bar is not None:
-            self.bar.write(line, file=self.stream)
+            self.bar.write(line, file=self.stream)  # clears and redraws the bar around the line
+            self.stream.flush()
         else:
             print(line, file=self.stream, flush=True)
 
