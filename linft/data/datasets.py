@@ -46,7 +46,7 @@ def _unknown(name: str) -> DataError:
 
 
 @dataclass
-class Layout:
+class FolderLayout:
     """What a scan of an image-folder tree found; ``problems`` empty means usable.
 
     ``files[env][cls]`` lists the image files of one class folder (sorted); ``classes[env]`` the
@@ -68,13 +68,13 @@ class Layout:
         return self.root / self.spec.subdir / self.spec.folders[self.spec.environments.index(env)]
 
 
-def scan_layout(name: str, root: str | Path) -> Layout:
+def scan_layout(name: str, root: str | Path) -> FolderLayout:
     """Walk ``<root>/<subdir>/<domain>/<class>/`` and collect every layout problem (no decoding)."""
     if name not in FOLDER_DATASETS:
         raise _unknown(name)
     spec = FOLDER_DATASETS[name]
     root = Path(root).expanduser()
-    lay = Layout(spec, root)
+    lay = FolderLayout(spec, root)
     if not root.is_dir():
         lay.problems.append(f"data root {str(root)!r} does not exist")
         return lay
