@@ -14,9 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from linft.core.heads import HEAD_INITS, check_dropout_rate
 from linft.errors import ConfigError
-from linft.runs.modes import MODES, get_mode
 
 HEAD_INIT_CHOICES = ("random", "probe")
 BN_POLICIES = ("frozen",)
@@ -31,7 +29,7 @@ class RunConfig:
     dataset: str = "PACS"
     test_envs: tuple[str, ...] = ()     # empty: the dataset's first environment (DomainBed's test_envs=[0])
     backbone: str = "resnet50.in1k_v2"
-    mode: str = "full"                  # one of MODES
+    mode: str = "full"                  # one of linft.runs.modes.MODES
     k: int = 3                          # tail = last k residual blocks (ResNet50: layer4)
     p: float = 0.0                      # dropout rate on the pooled representation
     head_init: str = "random"           # "random" (DomainBed) or "probe" (linear probe first: LP-FT)
@@ -146,6 +144,10 @@ def _validate(c: RunConfig) -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
+    # imported here, not at the top: building the command line's help must not import torch
+    from linft.core.heads import HEAD_INITS, check_dropout_rate
+    from linft.data.loaders import require_compatible
+    from linft.runs.modes import get_mode
     mode = get_mode(c.mode)
     check_dropout_rate(c.p)
     need(c.head_init in HEAD_INIT_CHOICES, f"head_init must be one of {HEAD_INIT_CHOICES}, got {c.head_init!r}")
@@ -160,9 +162,7 @@ def _validate(c: RunConfig) -> None:
          "n_per_domain, dataset_limit and resolution must be >= 0")
     need(all(0 < s for s in c.lr_decay_steps), "lr_decay_steps must be positive steps")
     need(c.last_layer_lr_mult > 0, "last_layer_lr_mult must be > 0")
-    need(not (c.augment and c.feature_cache),
-         "augmentation and the feature cache exclude each other: the cache stores un-augmented trunk "
-         "features; set augment=false to use feature_cache=true")
+    require_compatible(c.augment, c.feature_cache)  # one rule, stated where the loaders enforce it
     need(not (c.feature_cache and mode.trunk_trains),
          f"mode {c.mode!r} trains the trunk, so it cannot read cached trunk features")
     need(not (mode.head_is_trainable and c.head_init == "probe"), f"mode {c.mode!r} already trains the head alone")
