@@ -35,6 +35,10 @@ from linft.errors import LinearizationError
 _INPUT = "input"  # a cache entry that is the cached input tensor itself (stored once, by reference)
 
 
+class _Shape(tuple):
+    """A cache entry holding a layer's output shape without the batch dimension (see ``_Ctx.out_shape``)."""
+
+
 class _Ctx:
     """Carries theta0 / theta - theta0 and the primal-cache mode through one pass.
 
@@ -91,6 +95,22 @@ class _Ctx:
         except AttributeError:
             return getattr(m, name, None), None
 
+    def out_shape(self, live: bool, fn) -> tuple:
+        """The full output shape of a layer whose tangent may be its bias alone (the tangent must have
+        the full shape, see ``_full`` in the rules); replayed from the cache when not live. Rules call
+        it whenever the bias is linearized and the weight is not (static, like ``need``)."""
+        if self.mode == "compute":
+            return tuple(fn())
+        if self.mode == "record":
+            s = tuple(fn())
+            self.entries.append(_Shape(s[1:]))
+            return s
+        entry = self.cache._entry(self.pos)
+        self.pos += 1
+        if not isinstance(entry, _Shape):
+            raise LinearizationError("the primal cache does not match the module (a shape was expected)")
+        return tuple(fn()) if live else (self.cache._batch(self.idx),) + tuple(entry)
+
     def need(self, live: bool, fn, used: bool = True):
         if self.mode == "compute":
             return fn() if used else None
@@ -100,6 +120,8 @@ class _Ctx:
             return v
         entry = self.cache._entry(self.pos)
         self.pos += 1
+        if isinstance(entry, _Shape):
+            raise LinearizationError("the primal cache does not match the module (a shape where a value was expected)")
         if live:
             return fn() if used else None
         if entry is None:
@@ -171,6 +193,16 @@ class PrimalCache:
             raise LinearizationError("the primal cache does not match the module (more values asked than stored)")
         return self.entries[pos]
 
+    def _batch(self, idx) -> int:
+        """How many examples ``inputs[idx]`` holds (without gathering them)."""
+        if isinstance(idx, slice):
+            return len(range(*idx.indices(self.num_examples)))
+        if isinstance(idx, torch.Tensor) and idx.dim() == 1 and idx.dtype != torch.bool:
+            return idx.shape[0]
+        if isinstance(idx, torch.Tensor):
+            idx = idx.cpu()
+        return torch.empty((self.num_examples, 0))[idx].shape[0]
+
     def _gather(self, entry, idx):
         src = self.inputs if isinstance(entry, str) else entry
         v = src[idx.to(src.device) if isinstance(idx, torch.Tensor) else idx]  # keeps channels_last
@@ -197,7 +229,7 @@ class PrimalCache:
 
 def _alloc(e, n: int, store_dtype: torch.dtype | None):
     """Room for ``n`` examples shaped like the recorded chunk ``e`` (same memory format)."""
-    if e is None or isinstance(e, str):
+    if not isinstance(e, torch.Tensor):  # None, _INPUT, a _Shape
         return e
     dtype = e.dtype if (e.dtype == torch.bool or store_dtype is None) else store_dtype
     out = torch.empty((n,) + tuple(e.shape[1:]), device=e.device, dtype=dtype)

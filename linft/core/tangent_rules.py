@@ -41,6 +41,17 @@ def _chan(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def _full(v: torch.Tensor, shape, like=None) -> torch.Tensor:
+    """``v`` (a bias, broadcastable) as a full tangent of ``shape``, in ``like``'s memory format.
+
+    A layer whose only linearized term is its bias must not hand on a broadcast [1, C, 1, 1] / [C]
+    tangent: a padded convolution of a constant is not constant at the borders, and the in-place
+    rules (BatchNorm, ReLU) need a full-shape tensor of their own."""
+    cl = (like is not None and like.dim() == 4 and not like.is_contiguous()
+          and like.is_contiguous(memory_format=torch.channels_last))
+    return v.expand(shape).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
 def _run(m: nn.Module, prefix: str, x0, dx, ctx):
     # what the previous rule marked fresh is visible to this rule only (ctx.incoming)
     ctx.incoming, ctx.fresh = ctx.fresh, (None, None)
@@ -132,17 +143,21 @@ def _conv(m: nn.Conv2d, prefix, x0, dx, ctx):
         pad, padding = (lambda t: t), m.padding
 
     live = x0 is not None
-    h = ctx.need(live, lambda: x0, used=ctx.linearized(m, prefix, "weight"))
+    lin_w = ctx.linearized(m, prefix, "weight")
+    h = ctx.need(live, lambda: x0, used=lin_w)
     y0 = None
     if live:
         with torch.no_grad():
             y0 = F.conv2d(pad(x0), w0, b0, m.stride, padding, m.dilation, m.groups)
+    shape = None
+    if not lin_w and ctx.linearized(m, prefix, "bias"):  # the tangent may be the bias alone
+        shape = ctx.out_shape(live, lambda: y0.shape)
     dy = None
     if dx is not None or dw is not None:  # dh = 0 (a constant input) costs nothing
         dy = _conv_tangent(None if dx is None else pad(dx), None if h is None else pad(h), w0, dw,
                            (m.stride, padding, m.dilation, m.groups))
     if db is not None:
-        dy = _add(dy, _chan(db, 4))
+        dy = _full(_chan(db, 4), shape, y0) if dy is None else dy + _chan(db, 4)
     ctx.fresh = (y0, dy)
     return y0, dy
 
@@ -151,16 +166,20 @@ def _linear(m: nn.Linear, prefix, x0, dx, ctx):
     w0, dw = ctx.param(m, prefix, "weight")
     b0, db = ctx.param(m, prefix, "bias")
     live = x0 is not None
-    h = ctx.need(live, lambda: x0, used=ctx.linearized(m, prefix, "weight"))
+    lin_w = ctx.linearized(m, prefix, "weight")
+    h = ctx.need(live, lambda: x0, used=lin_w)
     y0 = None
     if live:
         with torch.no_grad():
             y0 = F.linear(x0, w0, b0)
+    shape = None
+    if not lin_w and ctx.linearized(m, prefix, "bias"):  # the tangent may be the bias alone
+        shape = ctx.out_shape(live, lambda: y0.shape)
     dy = None if dx is None else F.linear(dx, w0)
     if dw is not None:
         dy = _add(dy, F.linear(h, dw))
     if db is not None:
-        dy = _add(dy, db)
+        dy = _full(db, shape) if dy is None else dy + db
     return y0, dy
 
 
