@@ -212,3 +212,20 @@ def random_graph(seed):
 def test_onepass_matches_jvp_on_random_graphs(seed):
     net, x = random_graph(seed)
     agree(net, x, seed=seed)
+
+
+# ---- 3. distance between two near-equal deltas -------------------------------------------------
+
+@pytest.mark.parametrize("dtype,eps", [(torch.float64, 1e-8), (torch.float32, 1e-7)])
+def test_delta_distance_of_near_equal_deltas_is_exact(dtype, eps):
+    """Old code: sqrt(|a|^2 + |b|^2 - 2 a.b) gave 0.0 (float64, 1e-8 apart) or a wrong value."""
+    g = torch.Generator().manual_seed(0)
+    da = {"0.a.weight": torch.randn(50, 40, generator=g, dtype=dtype), "0.a.bias": torch.randn(40, generator=g, dtype=dtype)}
+    db = {n: t * (1 + eps) + eps * torch.randn(t.shape, generator=g, dtype=dtype) for n, t in da.items()}
+    rows = {(r["level"], r["layer"]): r for r in delta_comparison(da, db)}
+    for (level, layer), r in rows.items():
+        names = list(da) if level != "param" else [layer]
+        want = math.sqrt(sum(float(((da[n].double() - db[n].double()) ** 2).sum()) for n in names))
+        assert want > 0
+        assert abs(r["distance"] - want) <= 1e-12 * want, (level, layer, r["distance"], want)
+    assert rows[("total", "total")]["distance"] > 0
