@@ -10,7 +10,7 @@ import zipfile
 import pytest
 
 from linft.data.download import download, partial_folder, safe_extract
-from linft.data.errors import DownloadError, UnsafeArchiveError
+from linft.data.errors import DataError, DownloadError, UnsafeArchiveError
 
 from test_data_download import pacs_zip, server  # noqa: F401  (fixture)
 
@@ -112,3 +112,40 @@ def test_a_running_download_is_not_clobbered(tmp_path, server):  # noqa: F811
         os.close(fd)
     download("PACS", root, base_url=url, sha256=[sha], log=lambda m: None)
     assert sorted(p.name for p in root.iterdir()) == ["PACS"]
+
+
+# ---- linft data check: symlinked class folders -------------------------------------------------
+
+from linft.data.check import check_dataset  # noqa: E402
+from linft.data.datasets import get_dataset  # noqa: E402
+from linft.data.synthetic import make_image_tree  # noqa: E402
+
+DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
+
+
+@pytest.fixture
+def pacs(tmp_path):
+    make_image_tree(tmp_path / "root", "PACS", n_per_class=2, size=8, fmt="png")
+    return tmp_path / "root"
+
+
+@pytest.mark.parametrize("target", [".", "..", "dog", "OUTSIDE"])
+def test_looping_or_outside_class_symlinks_are_refused(pacs, tmp_path, target):
+    """Old code: ``loop -> .`` in every domain was accepted as a class holding the domain's images."""
+    (tmp_path / "elsewhere").mkdir()
+    for d in DOMAINS:
+        os.symlink(tmp_path / "elsewhere" if target == "OUTSIDE" else target, pacs / "PACS" / d / "loop")
+    rep = check_dataset("PACS", pacs)
+    assert not rep.ok
+    msg = [p for p in rep.problems if "'loop'" in p]
+    assert len(msg) == len(DOMAINS) and "symlinked class folder" in msg[0], rep.problems
+    assert "loop" not in rep.classes
+    with pytest.raises(DataError, match="symlinked class folder"):
+        get_dataset("PACS", pacs)
+
+
+def test_class_symlink_to_another_domains_class_is_accepted(pacs):
+    import shutil
+    shutil.rmtree(pacs / "PACS" / "sketch" / "dog")
+    os.symlink("../photo/dog", pacs / "PACS" / "sketch" / "dog")
+    assert check_dataset("PACS", pacs).ok
