@@ -149,3 +149,78 @@ def test_class_symlink_to_another_domains_class_is_accepted(pacs):
     shutil.rmtree(pacs / "PACS" / "sketch" / "dog")
     os.symlink("../photo/dog", pacs / "PACS" / "sketch" / "dog")
     assert check_dataset("PACS", pacs).ok
+
+
+# ---- feature cache: images replaced in place, truncated features --------------------------------
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from linft.data.feature_cache import FeatureCache  # noqa: E402
+
+MEAN, STD, RES = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 16
+
+
+def _trunk():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).eval()
+
+
+def _key(env):
+    return {"backbone": "toy", "weights": "w0", "split": "k=1", "dataset": "PACS", "domain": env.name,
+            "resolution": RES}
+
+
+def _features_of(env, i, trunk):
+    from linft.data.transforms import eval_transform
+    with torch.no_grad():
+        return trunk(eval_transform(MEAN, STD, RES)(env.load(i))[None])[0].numpy()
+
+
+def test_image_replaced_in_place_rebuilds_the_cache(pacs, tmp_path):
+    """Old code: the key covered names and labels only; the old image's features were served."""
+    cache, trunk = FeatureCache(tmp_path / "cache"), _trunk()
+    env = get_dataset("PACS", pacs)["A"]
+    first = cache.get(trunk, _key(env), env, MEAN, STD)
+    path = env.samples[0][0]
+    old = os.stat(path)
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    Image.fromarray(255 - pixels).save(path)  # same name, size in pixels, label
+    if os.stat(path).st_mtime_ns == old.st_mtime_ns:  # a coarse filesystem clock: what a later write would see
+        os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns + 10**9))
+    env = get_dataset("PACS", pacs)["A"]  # same names, same labels
+    again = cache.get(trunk, _key(env), env, MEAN, STD)
+    assert again.built and again.path != first.path
+    assert np.allclose(np.asarray(again.features[0]), _features_of(env, 0, trunk), atol=1e-5)
+    assert not np.allclose(np.asarray(again.features[0]), np.asarray(first.features[0]), atol=1e-3)
+    # untouched files keep the key
+    assert not cache.get(trunk, _key(env), env, MEAN, STD).built
+
+
+def test_truncated_features_are_rebuilt(pacs, tmp_path):
+    """Old code: np.load(mmap_mode='r') of a truncated features.npy raised (ValueError from mmap)."""
+    cache, trunk = FeatureCache(tmp_path / "cache"), _trunk()
+    env = get_dataset("PACS", pacs)["A"]
+    first = cache.get(trunk, _key(env), env, MEAN, STD)
+    want = np.array(first.features)
+    f = first.path / "features.npy"
+    size = f.stat().st_size
+    del first
+    with open(f, "r+b") as fh:
+        fh.truncate(size // 2)
+    again = cache.get(trunk, _key(env), env, MEAN, STD)
+    assert again.built and np.array_equal(np.array(again.features), want)
+    (again.path / "labels.npy").write_bytes(b"\x93NUMPY garbage")
+    assert cache.get(trunk, _key(env), env, MEAN, STD).built
+
+
+def test_in_memory_environment_key_covers_pixels(tmp_path):
+    from linft.data.environments import TensorEnvironment
+    cache, trunk = FeatureCache(tmp_path / "cache"), _trunk()
+    imgs = torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    a = TensorEnvironment("A", imgs, [0, 1, 0, 1])
+    b = TensorEnvironment("A", imgs.flip(0).contiguous(), [0, 1, 0, 1])
+    assert cache.digest(_key(a), a) != cache.digest(_key(b), b)
