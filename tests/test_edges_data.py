@@ -1,7 +1,6 @@
 """Edge cases of linft.data found by an audit: symlink chains in archives, a killed download's
 leftovers, symlinked class folders, a stale or truncated feature cache."""
 import fcntl
-import hashlib
 import io
 import os
 import tarfile
