@@ -41,6 +41,17 @@ def _chan(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def _full(v: torch.Tensor, shape, like=None) -> torch.Tensor:
+    """``v`` (a bias, broadcastable) as a full tangent of ``shape``, in ``like``'s memory format.
+
+    A layer whose only linearized term is its bias must not hand on a broadcast [1, C, 1, 1] / [C]
+    tangent: a padded convolution of a constant is not constant at the borders, and the in-place
+    rules (BatchNorm, ReLU) need a full-shape tensor of their own."""
+    cl = (like is not None and like.dim() == 4 and not like.is_contiguous()
+          and like.is_contiguous(memory_format=torch.channels_last))
+    return v.expand(shape).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
 def _run(m: nn.Module, prefix: str, x0, dx, ctx):
     # what the previous rule marked fresh is visible to this rule only (ctx.incoming)
     ctx.incoming, ctx.fresh = ctx.fresh, (None, None)
@@ -132,17 +143,21 @@ def _conv(m: nn.Conv2d, prefix, x0, dx, ctx):
         pad, padding = (lambda t: t), m.padding
 
     live = x0 is not None
-    h = ctx.need(live, lambda: x0, used=ctx.linearized(prefix + "weight"))
+    lin_w = ctx.linearized(m, prefix, "weight")
+    h = ctx.need(live, lambda: x0, used=lin_w)
     y0 = None
     if live:
         with torch.no_grad():
             y0 = F.conv2d(pad(x0), w0, b0, m.stride, padding, m.dilation, m.groups)
+    shape = None
+    if not lin_w and ctx.linearized(m, prefix, "bias"):  # the tangent may be the bias alone
+        shape = ctx.out_shape(live, lambda: y0.shape)
     dy = None
     if dx is not None or dw is not None:  # dh = 0 (a constant input) costs nothing
         dy = _conv_tangent(None if dx is None else pad(dx), None if h is None else pad(h), w0, dw,
                            (m.stride, padding, m.dilation, m.groups))
     if db is not None:
-        dy = _add(dy, _chan(db, 4))
+        dy = _full(_chan(db, 4), shape, y0) if dy is None else dy + _chan(db, 4)
     ctx.fresh = (y0, dy)
     return y0, dy
 
@@ -151,16 +166,20 @@ def _linear(m: nn.Linear, prefix, x0, dx, ctx):
     w0, dw = ctx.param(m, prefix, "weight")
     b0, db = ctx.param(m, prefix, "bias")
     live = x0 is not None
-    h = ctx.need(live, lambda: x0, used=ctx.linearized(prefix + "weight"))
+    lin_w = ctx.linearized(m, prefix, "weight")
+    h = ctx.need(live, lambda: x0, used=lin_w)
     y0 = None
     if live:
         with torch.no_grad():
             y0 = F.linear(x0, w0, b0)
+    shape = None
+    if not lin_w and ctx.linearized(m, prefix, "bias"):  # the tangent may be the bias alone
+        shape = ctx.out_shape(live, lambda: y0.shape)
     dy = None if dx is None else F.linear(dx, w0)
     if dw is not None:
         dy = _add(dy, F.linear(h, dw))
     if db is not None:
-        dy = _add(dy, db)
+        dy = _full(db, shape) if dy is None else dy + db
     return y0, dy
 
 
@@ -175,7 +194,7 @@ def _batchnorm(m: nn.modules.batchnorm._BatchNorm, prefix, x0, dx, ctx):
     g0, dg = ctx.param(m, prefix, "weight") if m.affine else (None, None)
     b0, db = ctx.param(m, prefix, "bias") if m.affine else (None, None)
     invstd = torch.rsqrt(m.running_var + m.eps)
-    keep = ctx.linearized(prefix + "weight") or ctx.linearized(prefix + "bias")
+    keep = ctx.linearized(m, prefix, "weight") or ctx.linearized(m, prefix, "bias")
     live = x0 is not None
     fresh0, fresh_t = ((t is not None and t is f) for t, f in zip((x0, dx), ctx.incoming))
     y0 = xhat = None
@@ -271,7 +290,8 @@ _apply = _linear_free(lambda m, t: m(t))
 
 
 def _sequential(m, prefix, x0, dx, ctx):
-    for name, child in m.named_children():
+    # every entry, as Sequential.forward runs them: named_children() would skip a module's second use
+    for name, child in m._modules.items():
         x0, dx = _run(child, f"{prefix}{name}.", x0, dx, ctx)
     return x0, dx
 
@@ -345,6 +365,29 @@ def _dropout_head(m: DropoutHead, prefix, x0, dx, ctx):
 
 # ---- fallback: torch.func.jvp over functional_call for that submodule ----------------------
 
+def shares_modules(module: nn.Module) -> bool:
+    """Whether a submodule is reachable under two paths (a module used twice)."""
+    return (sum(1 for _ in module.named_modules(remove_duplicate=False))
+            != sum(1 for _ in module.named_modules()))
+
+
+def functional_call_restoring(module: nn.Module, tensors, args, kwargs, shared: bool):
+    """``torch.func.functional_call``; with a module used twice (``shared``) it computes the right
+    values but restores the module wrongly (torch 2.x: both paths' parameters are left as plain
+    tensors, so the module no longer holds its own trainable parameters), so every submodule's
+    parameters and buffers are put back by hand afterwards."""
+    if not shared:
+        return functional_call(module, tensors, args, kwargs)
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+    try:
+        return functional_call(module, tensors, args, kwargs)
+    finally:
+        for m, ps, bs in saved:
+            m._parameters.update(ps)
+            m._buffers.update(bs)
+
+
+
 def _fallback(m, prefix, x0, dx, ctx):
     live = x0 is not None
     x = ctx.need(live, lambda: x0, used=True)
@@ -353,13 +396,14 @@ def _fallback(m, prefix, x0, dx, ctx):
     lin = {n: pd for n, pd in pairs.items() if pd[1] is not None}
     if ctx.recording or (not lin and dx is None):
         with torch.no_grad():
-            y0 = functional_call(m, {n: pd[0] for n, pd in pairs.items()}, (x,))
+            y0 = functional_call_restoring(m, {n: pd[0] for n, pd in pairs.items()}, (x,), {}, shares_modules(m))
         return y0, None
     const = {n: pd[0] for n, pd in pairs.items() if pd[1] is None}
     p0 = {n: pd[0] for n, pd in lin.items()}
     dp = {n: pd[1] for n, pd in lin.items()}
     t = torch.zeros_like(x) if dx is None else dx
-    return jvp(lambda xx, pp: functional_call(m, {**const, **pp}, (xx,)), (x, p0), (t, dp))
+    shared = shares_modules(m)
+    return jvp(lambda xx, pp: functional_call_restoring(m, {**const, **pp}, (xx,), {}, shared), (x, p0), (t, dp))
 
 
 # ---- dispatch --------------------------------------------------------------------------------
