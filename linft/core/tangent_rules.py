@@ -16,14 +16,13 @@ without importing torchvision or timm. Anything else falls back to ``torch.func.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, jvp
 
-from linft.core.conv_tangent import _add, _ConvTangent, _autocast_dtype, _conv_tangent, _in_transform, _pair, _same_pad  # noqa: F401
+from linft.core.conv_tangent import _ConvTangent, _add, _conv_tangent, _in_transform, _same_pad  # noqa: F401 (_ConvTangent: tests)
 from linft.core.heads import DropoutHead, pool
 from linft.errors import LinearizationError
 
