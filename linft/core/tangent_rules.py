@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 
 from linft.core.conv_tangent import _ConvTangent, _add, _conv_tangent, _in_transform, _same_pad  # noqa: F401 (_ConvTangent: tests)
-from linft.core.heads import DropoutHead, pool
+from linft.core.heads import DropoutHead, dropout_mask, pool
 from linft.errors import LinearizationError
 
 
@@ -175,8 +175,12 @@ def _dropout_mask(x0: torch.Tensor, p: float, training: bool):
     the RNG is consumed exactly as in the reference (same shape, dtype and device)."""
     if not training or p == 0:
         return None
-    with torch.no_grad():
-        return F.dropout(torch.ones_like(x0), p, True)
+    return dropout_mask(x0.shape, p, dtype=x0.dtype, device=x0.device, memory_format=_layout(x0))
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
 
 
 def _dropout(m, prefix, x0, dx, ctx, p=None):
