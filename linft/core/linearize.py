@@ -15,7 +15,7 @@ Dropout: a dropout module inside ``f`` draws one mask per example and applies it
 the tangent stream alike (forward-mode AD of dropout multiplies the tangent by the same mask). For
 the paper's head, pool -> dropout -> Linear(W0, b0), the linearized output is therefore
     W0 (m * Phi_lin) + dW (m * Phi0) + b0 + db,   Phi_lin = Phi0 + J_Phi dtheta_tail,
-first order in both the tail and the head (PAPER.md, "Linear view"; DESIGN.md).
+first order in both the tail and the head ([ZB] Sec. 3, the linear view of fine-tuning).
 
 Head initialisation matters: with a zero head (W0 = 0) the tail's tangent is multiplied by W0 and
 receives no gradient, so a linearized tail never moves. Linearize around a random head (DomainBed's

@@ -1,4 +1,4 @@
-"""Model surgery: split a backbone into trunk | tail | head by module names (DESIGN.md).
+"""Model surgery: split a backbone into trunk | tail | head by module names ([ZB] Sec. 3: the head sits on the last residual block).
 
 - trunk: stem + all residual blocks but the last k (frozen; its output may be cached),
 - tail: the last k residual blocks (+ the "neck" after them, e.g. EfficientNet's conv_head/bn2),

@@ -10,7 +10,7 @@ computes the same pair by hand, module by module (rules in :mod:`linft.core.tang
     use their exact derivatives; unknown modules fall back to ``torch.func.jvp`` for that submodule;
   - backward runs through the tangent stream only.
 
-Cost (DESIGN.md, "Performance references"): primal 1 + tangent 2 + backward 2 = 5 units against
+Cost (paper_notes.md, section 1): primal 1 + tangent 2 + backward 2 = 5 units against
 3 for a standard step. For cached, un-augmented inputs the primal never changes (BatchNorm is
 frozen, dropout sits after pooling): :class:`PrimalCache` stores, once, what the tangent needs
 (each linearized conv's input, each BatchNorm's normalised input xhat, each ReLU's mask as bool,

@@ -1,4 +1,4 @@
-"""Run configuration: a frozen dataclass whose defaults are the paper's protocol (PAPER.md).
+"""Run configuration: a frozen dataclass whose defaults are the paper's protocol ([ZB] Sec. 4).
 
 The run id is ``<prefix>-<sha256[:12]>`` of the *semantic* fields that differ from their defaults,
 so adding a new defaulted field keeps every old id, and paths, device, workers and logging cadence
