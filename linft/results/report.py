@@ -53,12 +53,7 @@ def write_report(root, out: str | Path, figures_dir: str | Path | None = None, t
     summary = collect.analysis_summary(df)
     if not summary.empty:
         lines += ["## Linearity measurements (linft analyze; pooled over domains)", "",
-                  "distance: |theta - theta0| total (relative to |theta0|), cosine of two runs' fine-tuning deltas; "
-                  "interp: barriers w.r.t. the straight line ('line') and the endpoint mean ('mean'); linearity: "
-                  "post-hoc Taylor model at theta_ft ('posthoc'), the network at a linearized run's theta "
-                  "('network_at_linear_theta'), a trained linear vs standard run ('trained'); ntk: kernel distance "
-                  "1 - <K0,K1>/(|K0||K1|) between theta0 and theta_ft; identity: how far f((A+B)/2) is from "
-                  "(f(A)+f(B))/2 and the loss barrier on the straight path.", "",
+                  " ".join(collect.analysis_notes()), "",
                   collect.to_markdown(summary.fillna("")), ""]
     steps = df[(df["kind"] == "train") & (df["metric"] == "img_per_s")].groupby("mode")["value"].median()
     if not steps.empty:
