@@ -5,9 +5,9 @@ domains' ``out`` split drawn with a seeded permutation, at theta0 and at theta_f
 distance 1 - <K0, K1>_F / (|K0| |K1|), norms, traces and the centered alignment with the labels.
 
 ``form``: ``"trace"`` (default, [N, N]: the class dimensions traced out) or ``"full"``
-([N, C, N, C]). The two are different numbers -- on the same run the trace form's distance can read
-orders of magnitude (~1e4 on tiny runs) smaller than the full kernel's -- so every row carries
-``form`` and ``form`` is part of the analysis id; a full-form analysis also reports the distance of
+([N, C, N, C]). The two are different numbers -- on the same run the trace form's distance can
+read orders of magnitude smaller than the full kernel's (a tiny tail run: 3.6e-7 vs 2.1e-4) -- so
+every row carries ``form`` and ``form`` is part of the analysis id; a full-form analysis also reports the distance of
 its traced kernels (``kernel_distance_trace``). For a linearized run the kernel is J(theta0) at any
 theta, so the distance is 0 up to float error.
 """

@@ -88,7 +88,7 @@ COMMON_OPTIONS = (
     Option("weights", "trainable", "which trained weights: the final ones or the trajectory average",
            choices=("trainable", "traj_avg")),
     Option("dtype", "float32", "precision of the evaluation", choices=("float32", "float64")),
-    Option("device", "cpu", "cpu (default), cuda, cuda:1 ...", semantic=False),
+    Option("device", "cpu", "where to evaluate: cpu, cuda, cuda:1 ...", semantic=False),
 )
 
 

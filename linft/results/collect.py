@@ -206,10 +206,10 @@ def analysis_summary(df: pd.DataFrame) -> pd.DataFrame:
     return table.round(4)
 
 
-def analysis_notes() -> list[str]:
-    """What each registered analysis's summary rows mean (the report's text)."""
+def analysis_notes(kinds=None) -> list[str]:
+    """What each registered analysis's summary rows mean (the report's text); ``kinds``: only these."""
     from linft.analysis.registry import analyses
-    return [a.doc or f"{a.kind}: {a.help}." for a in analyses() if a.summary]
+    return [a.doc or f"{a.kind}: {a.help}." for a in analyses() if a.summary and (kinds is None or a.kind in set(kinds))]
 
 
 def hparam_clouds(acc: pd.DataFrame, max_points: int = 20_000, seed: int = 0) -> pd.DataFrame:

@@ -48,12 +48,14 @@ def write_report(root, out: str | Path, figures_dir: str | Path | None = None, t
         if acc.empty:
             continue
         for column, what in (("ood_acc", "o.o.d. accuracy (test domain, %)"), ("iid_acc", "i.i.d. accuracy (training domains' held-out split, %)")):
-            lines += [f"## {what}, selection: {label}", "", "mean ± standard error over seeds", "",
+            lines += [f"## {what}, selection: {label}", "",
+                      "mean ± standard error over seeds; traj. ens = the trajectory ensemble, which averages the "
+                      "logits of the trajectory's models ([ZB] sums them: the same accuracy, a different loss)", "",
                       collect.to_markdown(collect.domainbed_table(acc, column)), ""]
     summary = collect.analysis_summary(df)
     if not summary.empty:
         lines += ["## Linearity measurements (linft analyze; pooled over domains)", "",
-                  " ".join(collect.analysis_notes()), "",
+                  " ".join(collect.analysis_notes(summary["kind"].unique())), "",
                   collect.to_markdown(summary.fillna("")), ""]
     steps = df[(df["kind"] == "train") & (df["metric"] == "img_per_s")].groupby("mode")["value"].median()
     if not steps.empty:
