@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-_SHOW = ("role", "split", "alpha", "t", "model", "definition", "form", "at", "endpoint_b", "n", "mode")
+_SHOW = ("env", "role", "split", "alpha", "t", "model", "definition", "form", "at", "endpoint_b", "n", "mode")
 
 
 def _runs_help(lo: int, hi: int | None) -> str:
@@ -57,7 +57,7 @@ def _analyze(args) -> int:
     print(analysis_dir(a.kind, runs, opts))
     shown = [r for r in rows if a.is_headline(r) and (not a.summary or r["metric"] in a.summary)]
     for r in shown or rows:
-        keys = [f"{k}={r[k]}" for k in _SHOW if k in r]
+        keys = [f"{k}={r[k]}" for k in _SHOW if k in r and not (k == "env" and r[k] == "pooled")]
         value = r["value"]
         print(f"{r['metric']:<22} {' '.join(keys)}  {value:.6g}" if isinstance(value, float)
               else f"{r['metric']:<22} {' '.join(keys)}  {value}")

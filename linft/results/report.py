@@ -56,7 +56,7 @@ def write_report(root, out: str | Path, figures_dir: str | Path | None = None, t
     if not summary.empty:
         lines += ["## Linearity measurements (linft analyze; pooled over domains)", "",
                   " ".join(collect.analysis_notes(summary["kind"].unique())), "",
-                  collect.to_markdown(summary.fillna("")), ""]
+                  collect.to_markdown(summary.astype(object).fillna("")), ""]
     steps = df[(df["kind"] == "train") & (df["metric"] == "img_per_s")].groupby("mode")["value"].median()
     if not steps.empty:
         lines += ["## Throughput on this machine (median images/s per mode)", ""]
