@@ -25,7 +25,7 @@ _API = {
     "RunConfig": "linft.runs.config",
     "train": "linft.training.launch",
     "load_run": "linft.analysis.loading",
-    "analyze": "linft.analysis.loading",
+    "analyze": "linft.analysis.registry",
     "load_rows": "linft.results.collect",
 }
 __all__ = [*_API, "__version__"]

@@ -59,7 +59,7 @@ def test_collect_tables_figures_report(swept, tmp_path):
     assert acc["ood_acc"].between(0, 1).all() and acc["iid_acc"].between(0, 1).all()
     table = collect.domainbed_table(acc)
     assert "Avg" in table.columns and (table["dataset"] == "PACS").all()
-    from linft.analysis.loading import analyze
+    from linft.analysis.registry import analyze
     tails = sorted(str(root / c.run_id) for c in swept[0].configs if c.mode == "tail")
     analyze("interp", tails, grid=5, refine=False)
     analyze("linearity", tails[:1])

@@ -34,8 +34,9 @@ def _report(args) -> int:
 
 
 def _soup(args) -> int:
-    from linft.analysis.soups import soups
-    rows = soups(args.run, args.root)
+    from linft.analysis.registry import analysis_dir, analyze
+    rows = analyze("soup", args.run)
+    print(analysis_dir("soup", args.run))
     for r in rows:
         if r["metric"] == "acc" and r["split"] == ("in" if r["role"] == "test" else "out"):
             print(f"{r['model']:<16} members {r['members']}  {r['role']:<5} {r['env']:<12} acc {r['value']:.4f}")
@@ -44,7 +45,8 @@ def _soup(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("soup", help="uniform soup, greedy soup and output ensemble of finished runs")
-    p.add_argument("--root", required=True, help="where _soups/<id>/ is written")
+    p.add_argument("--root", default=None, help="accepted and unused: a soup is stored under its first member "
+                   "run (<run>/analyses/soup-<id>/)")
     p.add_argument("run", nargs="+", help="run folders (same architecture, data and split)")
     p.set_defaults(func=_soup)
     p = sub.add_parser("collect", help="all rows of a runs folder as one long table (CSV or Parquet)")

@@ -48,18 +48,15 @@ def write_report(root, out: str | Path, figures_dir: str | Path | None = None, t
         if acc.empty:
             continue
         for column, what in (("ood_acc", "o.o.d. accuracy (test domain, %)"), ("iid_acc", "i.i.d. accuracy (training domains' held-out split, %)")):
-            lines += [f"## {what}, selection: {label}", "", "mean ± standard error over seeds", "",
+            lines += [f"## {what}, selection: {label}", "",
+                      "mean ± standard error over seeds; traj. ens = the trajectory ensemble, which averages the "
+                      "logits of the trajectory's models ([ZB] sums them: the same accuracy, a different loss)", "",
                       collect.to_markdown(collect.domainbed_table(acc, column)), ""]
     summary = collect.analysis_summary(df)
     if not summary.empty:
         lines += ["## Linearity measurements (linft analyze; pooled over domains)", "",
-                  "distance: |theta - theta0| total (relative to |theta0|), cosine of two runs' fine-tuning deltas; "
-                  "interp: barriers w.r.t. the straight line ('line') and the endpoint mean ('mean'); linearity: "
-                  "post-hoc Taylor model at theta_ft ('posthoc'), the network at a linearized run's theta "
-                  "('network_at_linear_theta'), a trained linear vs standard run ('trained'); ntk: kernel distance "
-                  "1 - <K0,K1>/(|K0||K1|) between theta0 and theta_ft; identity: how far f((A+B)/2) is from "
-                  "(f(A)+f(B))/2 and the loss barrier on the straight path.", "",
-                  collect.to_markdown(summary.fillna("")), ""]
+                  " ".join(collect.analysis_notes(summary["kind"].unique())), "",
+                  collect.to_markdown(summary.astype(object).fillna("")), ""]
     steps = df[(df["kind"] == "train") & (df["metric"] == "img_per_s")].groupby("mode")["value"].median()
     if not steps.empty:
         lines += ["## Throughput on this machine (median images/s per mode)", ""]
