@@ -216,6 +216,11 @@ def summary(tables: Tables) -> pd.DataFrame:
         for sel in [s for s in dict.fromkeys(av["selection"]) if s in DOMAINBED_SELECTIONS]:
             for r in av[av["selection"] == sel].itertuples():
                 out.setdefault(r.method, {})[f"{what} {sel.replace('_', ' ')}"] = cell(r)
+    c = tables.ood.cells
+    c = c[(c["selection"] == "training_domain_validation") & (c["test_env"] != "Avg") & (c["n"] > 0)]
+    for m, g in c.groupby("method"):
+        covered = [f"{d}: {','.join(g2['test_env'])}" for d, g2 in g.groupby("dataset", sort=False)]
+        out.setdefault(m, {})["test envs with trials"] = "; ".join(covered)
     df = pd.DataFrame.from_dict(out, orient="index")
     df = df.loc[sorted(df.index, key=family_key)]
     df.index.name = "method"
