@@ -212,11 +212,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, command):
 
 # -- figures ---------------------------------------------------------------------------------
 def test_palette_is_fixed_per_method_and_in_family_order():
-    from linft.results.plots import OKABE_ITO, method_palette
-    a = method_palette(["linear p=0", "full p=0", "tail p=0.9", "tail p=0"])
-    b = method_palette(["tail p=0", "linear p=0", "tail p=0.9", "full p=0"])
-    assert a == b and list(a) == ["full p=0", "tail p=0", "tail p=0.9", "linear p=0"]
-    assert [c for c, _ in a.values()] == list(OKABE_ITO[:4])
+    from linft.results.plots import COLORBLIND, method_palette
+    a = method_palette(["linear p=0", "full p=0", "tail p=0.9", "tail p=0", "tail p=0 + traj. avg"])
+    b = method_palette(["tail p=0 + traj. avg", "tail p=0", "linear p=0", "tail p=0.9", "full p=0"])
+    assert a == b
+    assert list(a) == ["full p=0", "tail p=0", "tail p=0 + traj. avg", "tail p=0.9", "linear p=0"]
+    assert a["tail p=0"][0] == a["tail p=0.9"][0] == COLORBLIND[1] and a["tail p=0"][1] != a["tail p=0.9"][1]
+    assert len({a[m][0] for m in ("full p=0", "tail p=0", "tail p=0 + traj. avg", "linear p=0")}) == 4
 
 
 def test_seed_mean_pools_only_trials():

@@ -2,13 +2,14 @@
 PNG and PDF next to the CSV of exactly the data it shows, and carries a caption naming the data,
 backbone, steps and seeds behind it and what its error bars are.
 
-Conventions, the same in every figure: one colour-blind-safe palette (Okabe & Ito) keyed by
-method name in method-family order (:func:`method_palette`); legends outside the axes;
+Conventions, the same in every figure: one colour-blind-safe palette keyed by method name in
+method-family order, colour = method without p, marker = p (:func:`method_palette`); legends outside the axes;
 accuracies in percent, as in the tables; an error bar is the standard error over the n trials
 (seeds) of one method and setting -- runs that differ in anything but the seed are never pooled.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -18,19 +19,33 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-# Okabe & Ito (2008), colour-blind safe; black last.
-OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442", "#000000")
+# seaborn's "colorblind" palette (10 colours, after Okabe & Ito), fixed here so that no style
+# setting can change it.
+COLORBLIND = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494",
+              "#ece133", "#56b4e9")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 SE_TEXT = "error bars: standard error over n trials (seeds), np.std ddof=0 / sqrt(n)"
 
 
+def _base(method: str) -> str:
+    return re.sub(r" p=[0-9.]+", "", method)
+
+
+def _p(method: str) -> float:
+    m = re.search(r" p=([0-9.]+)", method)
+    return float(m.group(1)) if m else 0.0
+
+
 def method_palette(methods: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """method -> (colour, marker), fixed for a report: methods in family order (full, tail,
-    linear, ...), colours cycling through Okabe-Ito, the marker changing each cycle."""
+    """method -> (colour, marker), fixed for a report and keyed by name: the colour is the
+    method without its dropout rate (mode, model, other fields) in family order (full, tail,
+    linear, ...), the marker the dropout rate p (circle for the smallest)."""
     from linft.results.selection_frames import family_key
     ordered = sorted(dict.fromkeys(methods), key=family_key)
-    return {m: (OKABE_ITO[i % len(OKABE_ITO)], MARKERS[(i // len(OKABE_ITO)) % len(MARKERS)])
-            for i, m in enumerate(ordered)}
+    bases = list(dict.fromkeys(_base(m) for m in ordered))
+    ps = sorted({_p(m) for m in ordered})
+    return {m: (COLORBLIND[bases.index(_base(m)) % len(COLORBLIND)], MARKERS[ps.index(_p(m)) % len(MARKERS)])
+            for m in ordered}
 
 
 def provenance(df: pd.DataFrame) -> str:
@@ -84,7 +99,8 @@ def iid_vs_ood(points: pd.DataFrame, out_dir, palette: Mapping[str, tuple[str, s
     o.o.d. accuracy of the step chosen by training-domain validation, averaged over seeds
     (columns of :func:`linft.results.selection_frames.seed_mean`)."""
     fig, ax = plt.subplots(figsize=(6.8, 4.2))
-    for m, g in points.groupby("method", sort=False):
+    for m in [m for m in palette if m in set(points["method"])]:
+        g = points[points["method"] == m]
         colour, marker = palette[m]
         ax.errorbar(g["iid_acc"], g["ood_acc"], xerr=g["iid_acc_se"], yerr=g["ood_acc_se"], fmt=marker,
                     color=colour, ms=5, capsize=2, lw=0.8, label=m)
@@ -130,11 +146,15 @@ def ood_vs_dropout(avgs: pd.DataFrame, out_dir, palette, prov: str, name: str = 
     """o.o.d. accuracy (training-domain validation) against the dropout rate p; one line per
     method without its p (columns method, base, p, dataset, mean, se, n)."""
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    order = {m: i for i, m in enumerate(palette)}
+    avgs = avgs.sort_values("method", key=lambda s: s.map(order), kind="stable")
     for (base, d), g in avgs.groupby(["base", "dataset"], sort=False):
         g = g.sort_values("p")
-        colour, marker = palette[g["method"].iloc[0]]
-        ax.errorbar(g["p"], g["mean"], yerr=g["se"].fillna(0), fmt=marker + "-", color=colour, capsize=3,
+        colour = palette[g["method"].iloc[0]][0]
+        ax.errorbar(g["p"], g["mean"], yerr=g["se"].fillna(0), fmt="-", color=colour, capsize=3,
                     label=base if avgs["dataset"].nunique() == 1 else f"{base} ({d})")
+        for m, p, y in zip(g["method"], g["p"], g["mean"]):
+            ax.plot([p], [y], palette[m][1], color=colour, ms=6)
     ax.set_xlabel("dropout rate p on the pooled representation")
     ax.set_ylabel("o.o.d. accuracy (%) — test domain")
     _legend_outside(ax)
@@ -146,7 +166,8 @@ def clouds(points: pd.DataFrame, out_dir, palette, prov: str, name: str = "hpara
     """[ZB] clouds: one point per way of choosing a hyperparameter setting per test domain (each
     setting first averaged over seeds); accuracies in percent."""
     fig, ax = plt.subplots(figsize=(6.8, 4.2))
-    for m, g in points.groupby("method", sort=False):
+    for m in [m for m in palette if m in set(points["method"])]:
+        g = points[points["method"] == m]
         colour, marker = palette[m]
         ax.scatter(100 * g["iid_acc"], 100 * g["ood_acc"], s=6, alpha=0.35, linewidths=0, color=colour,
                    marker=marker, label=m)

@@ -127,7 +127,8 @@ def _fmt(v) -> str:
 
 
 def family_key(method: str):
-    """Sort key: method family (FAMILY_ORDER), then p, then the label; models last."""
+    """Sort key: method family (FAMILY_ORDER), then p, then the model (current, traj_avg,
+    traj_ens), then the label."""
     mode = method.split(" ", 1)[0]
     fam = FAMILY_ORDER.index(mode) if mode in FAMILY_ORDER else len(FAMILY_ORDER)
     model = next((i for i, m in enumerate(MODELS[1:], 1) if method.endswith(MODEL_SUFFIX[m])), 0)
@@ -136,7 +137,7 @@ def family_key(method: str):
         pv = float(p)
     except ValueError:
         pv = 0.0
-    return (fam, model, pv, method)
+    return (fam, pv, model, method)
 
 
 def checkpoint_frame(rows: pd.DataFrame, ident: Identity, models: Sequence[str] = ("current",)) -> pd.DataFrame:
