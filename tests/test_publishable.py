@@ -154,10 +154,21 @@ def test_static_environment_names_match_the_datasets():
 
 
 def test_domainbed_integer_test_env_on_the_command_line(tmp_path):
-    r = run_cli("train", "--help")
-    assert r.returncode == 0
-    from linft.cli.train import register  # noqa: F401  (the flag is generated from RunConfig)
-    assert RunConfig.from_dict({"test_envs": "0"}).test_envs == ("A",)
+    import argparse
+    from linft.cli.train import add_config_flags, config_from_args
+    from linft.data.synthetic import make_image_tree
+    from linft.training.launch import train
+    p = argparse.ArgumentParser()
+    add_config_flags(p)
+    args = p.parse_args(["--test-envs", "0", "--backbone", "tiny_resnet", "--k", "2", "--resolution", "16",
+                         "--steps", "2", "--eval-every", "2", "--traj-start", "1", "--lr-decay-steps", "1",
+                         "--batch-size", "2", "--mode", "tail", "--quiet", "true",
+                         "--data-root", str(make_image_tree(tmp_path / "data", n_per_class=2, size=16).parent)])
+    cfg = config_from_args(args)
+    assert cfg.run_id == cfg.replace(test_envs=("A",), backbone="tiny_resnet.random").run_id
+    rd = train(cfg, tmp_path / "runs")
+    recorded = json.loads((rd.path / "config.json").read_text())
+    assert recorded["test_envs"] == ["A"] and recorded["backbone"] == "tiny_resnet.random"
 
 
 # -- DomainBed folders -----------------------------------------------------------------------
