@@ -90,6 +90,9 @@ def test_last_layer_lr_arms_are_two_methods(tmp_path):
     assert dict(zip(tdv["method"], tdv["mean"].round(6))) == {
         "tail p=0 last_layer_lr_mult=1": 30.0, "tail p=0 last_layer_lr_mult=10": 70.0}
     assert "last_layer_lr_mult" in s.ident.identity and s.ident.hparams == ()
+    chosen = _study(root, hparams=("lr", "weight_decay", "last_layer_lr_mult"))  # selected over, on purpose
+    tdv = chosen.tables.ood.cells.query("selection == 'training_domain_validation' and test_env == 'A'")
+    assert dict(zip(tdv["method"], tdv["mean"].round(6))) == {"tail p=0": 70.0}
 
 
 def test_oracle_takes_the_last_checkpoint_and_selects_by_test_out(tmp_path):
