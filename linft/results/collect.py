@@ -1,5 +1,6 @@
-"""Run folders -> one long tidy DataFrame (config joined at load time), and the selections and
-DomainBed-style tables built on it (mean +- standard error over seeds)."""
+"""Run folders -> one long tidy DataFrame (config joined at load time), per-run selections and
+[ZB]'s hyperparameter clouds.  The accuracy tables (DomainBed's model selection, intervals over
+seeds only) are built in linft.results.selection_frames and linft.results.report."""
 from __future__ import annotations
 
 import json
@@ -118,26 +119,6 @@ def selected_accuracy(df: pd.DataFrame, selection: str = "train_val") -> pd.Data
     return out
 
 
-def mean_se(values: pd.Series) -> str:
-    v = values.dropna().to_numpy() * 100
-    if len(v) == 0:
-        return "-"
-    se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
-    return f"{v.mean():.1f} ± {se:.1f}" if len(v) > 1 else f"{v.mean():.1f}"
-
-
-def domainbed_table(acc: pd.DataFrame, column: str = "ood_acc") -> pd.DataFrame:
-    """Methods x test domains (+ Avg), cells "mean ± s.e." over seeds (percent), per dataset."""
-    tables = []
-    for dataset, part in acc.groupby("dataset"):
-        t = part.pivot_table(index="method", columns="test_env", values=column, aggfunc=mean_se)
-        per_seed = part.groupby(["method", "seed", "trial_seed"])[column].mean().reset_index()
-        t["Avg"] = per_seed.groupby("method")[column].apply(mean_se)
-        t.insert(0, "dataset", dataset)
-        tables.append(t.reset_index())
-    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-
-
 def to_markdown(table: pd.DataFrame) -> str:
     cols = list(table.columns)
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
@@ -212,16 +193,18 @@ def analysis_notes(kinds=None) -> list[str]:
     return [a.doc or f"{a.kind}: {a.help}." for a in analyses() if a.summary and (kinds is None or a.kind in set(kinds))]
 
 
-def hparam_clouds(acc: pd.DataFrame, max_points: int = 20_000, seed: int = 0) -> pd.DataFrame:
+def hparam_clouds(acc: pd.DataFrame, max_points: int = 20_000, seed: int = 0,
+                  settings: tuple[str, ...] = ("lr", "weight_decay")) -> pd.DataFrame:
     """[ZB]'s clouds: hyperparameters are not selected; every way of choosing one (lr, weight decay)
     setting per test domain gives one point (i.i.d. and o.o.d. accuracy averaged over the test
-    domains, each setting first averaged over seeds). (2 x 3)^4 = 1296 points per method on a
+    domains, each setting first averaged over seeds; ``settings``: the columns that make a
+    setting). (2 x 3)^4 = 1296 points per method on a
     4-domain dataset; beyond ``max_points`` combinations a seeded random subset is drawn."""
     import itertools
     out = []
     rng = np.random.default_rng(seed)
     for (dataset, method), part in acc.groupby(["dataset", "method"]):
-        cell = part.groupby(["test_env", "lr", "weight_decay"])[["iid_acc", "ood_acc"]].mean()
+        cell = part.groupby(["test_env", *settings])[["iid_acc", "ood_acc"]].mean()
         envs = sorted(cell.index.get_level_values(0).unique())
         options = [cell.loc[e].to_numpy() for e in envs]  # per env: [settings, 2]
         total = int(np.prod([len(o) for o in options]))

@@ -74,6 +74,7 @@ class RunConfig:
             v = getattr(self, f.name)
             if isinstance(v, list):
                 object.__setattr__(self, f.name, tuple(v))
+        _canonicalise(self)
         _validate(self)
 
     # -- identity ------------------------------------------------------------------------------
@@ -99,6 +100,12 @@ class RunConfig:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
     def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with ``changes``.  Changing ``dataset`` without giving ``test_envs`` keeps the
+        *default* test env (the new dataset's first) if this config had its dataset's default."""
+        if "dataset" in changes and "test_envs" not in changes and changes["dataset"] != self.dataset:
+            names = environment_names(self.dataset)
+            if names is not None and self.test_envs == names[:1]:
+                changes["test_envs"] = ()
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -120,6 +127,59 @@ class RunConfig:
         except (ValueError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot parse config file {str(path)!r}: {e}") from e
         return cls.from_dict(data)
+
+
+# Environment names per dataset in the datasets' order (DomainBed's ENVIRONMENTS), known without
+# building a dataset: the image-folder specs, and the MNIST-derived sets' fixed names.
+MEMORY_ENVIRONMENTS: dict[str, tuple[str, ...]] = {
+    "RotatedMNIST": ("0", "15", "30", "45", "60", "75"),
+    "ColoredMNIST": ("+90%", "+80%", "-90%"),
+    "Digits": ("mnist", "optdigits"),
+}
+
+
+def environment_names(dataset: str) -> tuple[str, ...] | None:
+    """The dataset's environment names in order, or None for a dataset linft does not know."""
+    from linft.data.datasets import FOLDER_DATASETS
+    if dataset in FOLDER_DATASETS:
+        return tuple(FOLDER_DATASETS[dataset].environments)
+    return MEMORY_ENVIRONMENTS.get(dataset)
+
+
+def resolve_test_envs(dataset: str, given) -> tuple[str, ...]:
+    """Canonical test envs: environment NAMES in the dataset's order, without repeats.
+
+    Each item may be a name, ``"#i"`` or an integer ``i`` (DomainBed's ``--test_envs i``; a digit
+    string counts as an index unless it is itself a name, as RotatedMNIST's "15"); empty items
+    are dropped, and none at all means the dataset's first environment (DomainBed's default
+    ``test_envs=[0]``).  A dataset linft does not know keeps its items as given."""
+    items = [e for e in given if str(e).strip() != ""]
+    names = environment_names(dataset)
+    if names is None:
+        return tuple(str(e) for e in items)
+    out = set()
+    for e in items:
+        s = str(e).strip()
+        if s in names and not isinstance(e, int):
+            out.add(s)
+            continue
+        idx = s[1:] if s.startswith("#") else s
+        if idx.isdigit() and int(idx) < len(names):
+            out.add(names[int(idx)])
+            continue
+        raise ConfigError(f"unknown test environment {e!r} for {dataset}; give a name of {list(names)}, "
+                          f"an index 0-{len(names) - 1} or '#<index>'")
+    return tuple(n for n in names if n in out) if out else names[:1]
+
+
+def _canonicalise(c: "RunConfig") -> None:
+    """One identity per run, settled before anything hashes it: the backbone alias becomes its
+    full registry name and the test envs become environment names (see resolve_test_envs), so
+    ``efficientnet_lite0`` / ``efficientnet_lite0.in1k`` and ``()`` / ``0`` / ``"#0"`` / ``"A"``
+    give the same run id and ``config.json`` records the resolved values."""
+    from linft.models.backbones import ALIASES
+    object.__setattr__(c, "backbone", ALIASES.get(c.backbone, c.backbone))
+    object.__setattr__(c, "test_envs", resolve_test_envs(c.dataset, c.test_envs))
 
 
 def _coerce(name: str, typ: Any, v: Any) -> Any:
