@@ -1,4 +1,4 @@
-"""linft.analysis.loading end to end on tiny real runs (generated PACS tree, tiny_resnet, 16 px)."""
+"""linft.analysis end to end on tiny real runs (generated PACS tree, tiny_resnet, 16 px)."""
 import hashlib
 import json
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import linft.analysis.loading as an
-from linft.analysis.loading import analysis_dir, analyze, load_run
-from linft.analysis.fidelity import size_trend
+from linft.analysis.loading import load_run
+from linft.analysis.registry import analysis_dir, analyze
 from linft.runs.config import RunConfig
 from linft.data.synthetic import make_image_tree
 from linft.errors import LinftError
@@ -132,12 +132,11 @@ def test_identities_hold_for_linearized_runs_in_float64(runs):
 def test_no_mutation_of_loaded_models(runs):
     r = load_run(runs["tail"])
     state = {k: v.clone() for k, v in r.trainable.state_dict().items()}
-    import linft.analysis.fidelity as af
-    import linft.analysis.paths as ap
-    ap.interp([r], grid=3)
-    ap.funcinterp([r], grid=3)
-    af.linearity([r])
-    af.ntk([r], probe_size=4)
+    from linft.analysis import funcinterp, interp, linearity, ntk
+    interp.interp([r], grid=3)
+    funcinterp.funcinterp([r], grid=3)
+    linearity.linearity([r])
+    ntk.ntk([r], probe_size=4)
     assert all(torch.equal(state[k], v) for k, v in r.trainable.state_dict().items())
     assert r.trainable.training is False
 
@@ -181,6 +180,10 @@ def test_errors_and_cli(runs, monkeypatch, capsys):
     assert cli.main(["analyze", "interp", "--run", str(runs["tail"]), "--grid", "3", "--no-refine"]) == 0
     out = capsys.readouterr().out
     assert "loss_barrier" in out and "analyses/interp-" in out
+
+
+def size_trend(runs, **options):
+    return analyze("trend", runs, **options)
 
 
 def test_size_trend(runs):

@@ -121,3 +121,12 @@ def test_core_imports_torch_and_the_standard_library_only():
 def test_no_module_over_400_lines():
     long = {str(p.relative_to(PKG)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def test_curated_api_resolves_lazily():
+    import subprocess
+    import sys as _sys
+    code = ("import sys, linft; assert 'torch' not in sys.modules, 'import linft pulled in torch'; "
+            "[getattr(linft, n) for n in linft.__all__]; print('ok')")
+    out = subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

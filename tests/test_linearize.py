@@ -9,7 +9,7 @@ from torch.func import functional_call
 
 from linft.core import DropoutHead, freeze_batchnorm, linearize
 from linft.errors import LinearizationError
-from tests.conftest import tiny_split, trunk_features
+from conftest import tiny_split, trunk_features
 
 
 def _displace(lin, scale, seed=1):

@@ -136,3 +136,19 @@ def test_core_imports_only_torch_and_stdlib():
                 continue
             for r in roots:
                 assert r in allowed, f"{path.name} imports {r}"
+
+
+def test_dropout_mask_is_the_mask_f_dropout_draws():
+    """One mask implementation: drawn from the global RNG it equals F.dropout's own, in any layout."""
+    import torch.nn.functional as F
+    from linft.core.heads import dropout_mask
+    for fmt, shape in ((torch.contiguous_format, (4, 6)), (torch.channels_last, (2, 3, 4, 5))):
+        x = torch.randn(shape).contiguous(memory_format=fmt)
+        torch.manual_seed(7)
+        ref = F.dropout(torch.ones_like(x), 0.7, True)
+        torch.manual_seed(7)
+        got = dropout_mask(x.shape, 0.7, dtype=x.dtype, device=x.device, memory_format=fmt)
+        assert torch.equal(ref, got)
+    g = torch.Generator().manual_seed(0)
+    m = dropout_mask((20000,), 0.9, dtype=torch.float64, device="cpu", generator=g)
+    assert torch.allclose(m[m > 0], torch.tensor(1 / (1 - 0.9), dtype=torch.float64)) and abs(m.mean().item() - 1.0) < 0.1

@@ -1,15 +1,4 @@
-"""Analyses of finished runs, each a hashed child folder of the run it reads (DESIGN.md):
-
-    <run>/analyses/<kind>-<sha256[:12]>/{config.json, rows.jsonl, done}
-
-The id hashes the run ids (in order: for two runs, the folder lives under the first) and the
-analysis options that change numbers; a folder with its ``done`` marker is read back, never
-recomputed. Rows follow the results.jsonl contract (``run``, ``kind``, ``alpha``/``t``/``step``,
-``env``, ``role``, ``split``, ``metric``, ``value`` + keys such as ``layer``, ``endpoint_a``,
-``endpoint_b``, ``bn_policy``, ``definition``).
-
-Kinds: ``distance`` (here), ``interp`` / ``funcinterp`` / ``identity`` (:mod:`linft.analysis.paths`),
-``linearity`` / ``ntk`` / ``trend`` (:mod:`linft.analysis.fidelity`).
+"""Reading finished runs for the analyses (:mod:`linft.analysis.registry` runs and stores them).
 
 How a run is read (:func:`load_run`): its config rebuilds the pipeline (deterministic given the
 seed), which gives theta0 -- the pre-trained weights and the new head at its initialisation
@@ -24,11 +13,9 @@ folder is modified; the models read are never mutated (parameters are swapped in
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -38,14 +25,11 @@ from torch.func import functional_call
 from linft.runs.config import RunConfig
 from linft.runs.modes import get_mode
 from linft.training.pipeline import BuiltRun, build_run, finalize_trainable, probe_head
-from linft.core.params import block_of, delta_comparison, differing, weight_distance
+from linft.core.params import differing
 from linft.errors import LinftError
-from linft.runs.store import ChildDir, load_checkpoint
+from linft.runs.store import load_checkpoint
 
-KINDS = ("distance", "interp", "funcinterp", "identity", "linearity", "ntk")
 BN_POLICIES = ("frozen",)
-# options that never change a number (excluded from the analysis id)
-NON_SEMANTIC = {"device", "engine", "method", "memory_bytes", "chunk"}
 Key = tuple[str, str]
 
 
@@ -100,7 +84,9 @@ class LoadedRun:
         return self.trainer.data.roles
 
 
-def _run_config(path: Path) -> RunConfig:
+def run_config(path: str | Path) -> RunConfig:
+    """The config of the finished run in ``path``; a readable error if it is not one."""
+    path = Path(path)
     if not path.is_dir():
         raise LinftError(f"run folder {str(path)!r} does not exist")
     if not (path / "config.json").is_file() or not (path / "final.pt").is_file():
@@ -116,7 +102,7 @@ def load_run(path: str | Path, weights: str = "trainable", device: str = "cpu", 
     if dtype not in ("float32", "float64"):
         raise LinftError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     path = Path(path)
-    cfg = _run_config(path).replace(device=device, quiet=True)
+    cfg = run_config(path).replace(device=device, quiet=True)
     cuda = [torch.cuda.current_device()] if torch.device(cfg.device if cfg.device != "auto" else "cpu").type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # rebuilding re-seeds the global RNG: leave the caller's alone
         built = build_run(cfg)
@@ -159,7 +145,13 @@ _DATA_FIELDS = ("dataset", "test_envs", "trial_seed", "holdout", "resolution", "
 
 def check_pair(a: LoadedRun, b: LoadedRun, same_function: bool = True) -> str:
     """Refuse runs that cannot be compared; returns "all" if theta0 is shared entirely, "body" if
-    only the new heads' initialisations differ (e.g. two seeds with pre-trained weights)."""
+    only the new heads' initialisations differ (e.g. two seeds with pre-trained weights).
+
+    ``same_function``: the runs are evaluated as one function along a path (interp, funcinterp,
+    identity: B's parameters go through A's module), so data, network, kind of function and frozen
+    parts must agree. Two *linearized* runs must then share theta0 entirely, head included: a
+    linearized module is the Taylor model around its own theta0, and B's parameters in A's tangent
+    space are not B's model (a = 1 would not be run B)."""
     if set(a.theta) != set(b.theta) or any(a.theta[n].shape != b.theta[n].shape for n in a.theta):
         raise LinftError(f"runs {a.id} and {b.id} train different parameters (modes {a.cfg.mode}, {b.cfg.mode})")
     body = [n for n in a.theta0 if n not in a.head_names]
@@ -167,6 +159,7 @@ def check_pair(a: LoadedRun, b: LoadedRun, same_function: bool = True) -> str:
     if diff:
         raise LinftError(f"runs {a.id} and {b.id} do not share theta0 (the pre-trained weights differ, "
                          f"e.g. {diff[0]}): compare runs fine-tuned from the same weights")
+    head_diff = differing(a.theta0, b.theta0, sorted(a.head_names))
     if same_function:
         other = [f for f in _DATA_FIELDS if getattr(a.cfg, f) != getattr(b.cfg, f)]
         if other:
@@ -174,18 +167,34 @@ def check_pair(a: LoadedRun, b: LoadedRun, same_function: bool = True) -> str:
         if a.linear != b.linear:
             raise LinftError(f"runs {a.id} ({a.cfg.mode}) and {b.id} ({b.cfg.mode}) are not the same kind of "
                              "function (linearized vs not): interpolate runs of one kind")
-        fa, fb = _frozen_state(a), _frozen_state(b)
+        if a.linear and head_diff:
+            raise LinftError(f"linearized runs {a.id} and {b.id} do not share theta0: their heads were initialised "
+                             f"differently (head_init {a.cfg.head_init} vs {b.cfg.head_init}, seed {a.cfg.seed} vs "
+                             f"{b.cfg.seed}; e.g. {head_diff[0]}), so they are Taylor models around different "
+                             "points: compare linearized runs with one theta0")
+        fa, fb = frozen_state(a), frozen_state(b)
         if differing(fa, fb) or set(fa) != set(fb):
             raise LinftError(f"runs {a.id} and {b.id} have different frozen weights or BatchNorm statistics")
-    return "body" if differing(a.theta0, b.theta0, sorted(a.head_names)) else "all"
+    return "body" if head_diff else "all"
 
 
-def _frozen_state(r: LoadedRun) -> dict[str, torch.Tensor]:
+def frozen_state(r: LoadedRun) -> dict[str, torch.Tensor]:
+    """Everything a run evaluates with but does not train: the frozen trunk (``pre``, ``post``),
+    and the trainable module's buffers (BatchNorm statistics; a linearized module's theta0)."""
     out = {f"pre.{n}": t for n, t in r.trainer.pipe.pre.state_dict().items()}
     out.update({f"post.{n}": t for n, t in r.trainer.pipe.post.state_dict().items()})
     out.update({f"trainable.{n}": t for n, t in r.trainable.state_dict().items()
                 if n not in r.theta and not n.startswith("theta0.")})
     return out
+
+
+def first_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> str | None:
+    """The first name whose tensors differ (or that only one side has); None if equal."""
+    only = sorted(set(a) ^ set(b))
+    if only:
+        return only[0]
+    diff = differing(a, b)
+    return diff[0] if diff else None
 
 
 # -- evaluation helpers (shared by the path analyses) -------------------------------------------
@@ -220,121 +229,19 @@ def loss_acc(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {"loss": F.cross_entropy(logits, labels).item(), "acc": (logits.argmax(1) == labels).double().mean().item()}
 
 
-# -- analysis folders ----------------------------------------------------------------------------
-def analysis_id(kind: str, run_ids: list[str], options: dict) -> str:
-    semantic = {k: v for k, v in sorted(options.items()) if k not in NON_SEMANTIC}
-    blob = json.dumps({"runs": list(run_ids), "options": semantic}, sort_keys=True, separators=(",", ":"))
-    return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+def rel_norm(num: torch.Tensor, den: torch.Tensor) -> float:
+    """||num||_F / ||den||_F (0 if both vanish, inf if only the denominator does)."""
+    d = float(den.norm())
+    return float(num.norm()) / d if d > 0 else (0.0 if float(num.norm()) == 0 else float("inf"))
 
 
-def analysis_dir(kind: str, runs: list[str | Path], options: dict) -> Path:
-    """The folder of analysis ``kind`` of ``runs`` with ``options`` (defaults filled in)."""
-    paths = [Path(p) for p in runs]
-    for p in paths:
-        _run_config(p)
-    return paths[0] / "analyses" / analysis_id(kind, [p.name for p in paths], resolve_options(kind, options))
-
-
-def read_rows(folder: Path) -> list[dict]:
-    return ChildDir(folder).read_rows()
-
-
-def cached(kind: str, runs: list[str | Path], options: dict, compute: Callable[[], tuple[list[dict], dict]]) -> list[dict]:
-    """Rows of the analysis folder if it is complete, else ``compute()`` -> (rows, info), stored."""
-    paths = [Path(p) for p in runs]
-    for p in paths:
-        _run_config(p)
-    child = ChildDir(paths[0] / "analyses" / analysis_id(kind, [p.name for p in paths], options))
-    if child.done:
-        return child.read_rows()
-    rows, info = compute()
-    run_id = Path(runs[0]).name
-    rows = [{"run": run_id, "kind": kind, "analysis": child.path.name, **r} for r in rows]
-    child.write({"kind": kind, "runs": [str(Path(p).name) for p in runs], "options": options, **info}, rows)
-    return rows
-
-
-# -- distance ------------------------------------------------------------------------------------
-def _distance_rows(run: LoadedRun, label: str) -> list[dict]:
-    rows = []
-    for d in weight_distance(run.theta, run.theta0):
-        names = [d["layer"]] if d["level"] == "param" else None
-        is_head = (names and names[0] in run.head_names) or (d["level"] == "block" and any(
-            block_of(n) == d["layer"] for n in run.head_names))
-        extra = dict(level=d["level"], layer=d["layer"], numel=d["numel"], endpoint_a="theta0", endpoint_b=label,
-                     theta0=run.theta0_head if is_head else ("pretrained" if d["level"] != "total" else "mixed"),
-                     step=run.cfg.steps)
-        for metric in ("distance", "norm0", "relative"):
-            rows.append(dict(extra, metric=metric, value=d[metric]))
-    return rows
-
-
-def distance(runs: list[LoadedRun]) -> tuple[list[dict], dict]:
-    a = runs[0]
-    rows = _distance_rows(a, f"ft:{a.id}")
-    info = {"grouping": "level=block groups parameters by the first two components of their name "
-                        "(a residual block, a stem piece or the head's classifier)",
-            "theta0_head": a.theta0_head}
-    if len(runs) == 2:
-        b = runs[1]
-        shared = check_pair(a, b, same_function=False)
-        rows += [dict(r, endpoint_b=f"ft:{b.id}") for r in _distance_rows(b, f"ft:{b.id}")]
-        da = {n: a.theta[n] - a.theta0[n] for n in a.theta}
-        db = {n: b.theta[n] - b.theta0[n] for n in a.theta}
-        for d in delta_comparison(da, db):
-            for metric in ("cosine", "distance"):
-                rows.append(dict(level=d["level"], layer=d["layer"], metric=f"delta_{metric}", value=d[metric],
-                                 endpoint_a=f"ft:{a.id}", endpoint_b=f"ft:{b.id}", theta0_shared=shared))
-        info["theta0_shared"] = shared
-    return rows, info
-
-
-def resolve_options(kind: str, options: dict) -> dict:
-    """``options`` completed with the kind's defaults and validated (what the analysis id hashes)."""
-    if kind not in KINDS:
-        raise LinftError(f"analysis kind must be one of {KINDS}, got {kind!r}")
-    defaults = {"interp": dict(grid=11, min_spacing=1 / 80, refine=True, bn_policy="frozen"),
-                "funcinterp": dict(grid=11, bn_policy="frozen"), "identity": dict(grid=21, bn_policy="frozen"),
-                "linearity": dict(ts=(0.25, 0.5, 1.0), engine="jvp", bn_policy="frozen"),
-                "ntk": dict(probe_size=64, probe_seed=0, form="trace", method="auto", memory_bytes=2 ** 31),
-                "distance": {}}[kind]
-    unknown = set(options) - set(defaults) - {"weights", "dtype", "device"}
-    if unknown:
-        raise LinftError(f"unknown option(s) for {kind}: {', '.join(sorted(unknown))}")
-    opts = {"weights": "trainable", "dtype": "float32", "device": "cpu", **defaults, **options}
-    if "ts" in opts:
-        opts["ts"] = [float(t) for t in opts["ts"]]
-    if opts.get("bn_policy", "frozen") not in BN_POLICIES:
-        raise LinftError(f"bn_policy {opts['bn_policy']!r} is not implemented; linft analyses use {BN_POLICIES}")
-    return opts
-
-
-# -- entry point ---------------------------------------------------------------------------------
-def analyze(kind: str, runs: list[str | Path], **options: Any) -> list[dict]:
-    """Run (or read back) analysis ``kind`` on one or two finished runs; returns its rows.
-
-    Options (defaults): ``weights="trainable"`` ("traj_avg"), ``dtype="float32"`` ("float64"),
-    ``device="cpu"``; interp: ``grid=11``, ``min_spacing=1/80``, ``refine=True``,
-    ``bn_policy="frozen"``; funcinterp: ``grid=11``; identity: ``grid=21``; linearity:
-    ``ts=(0.25, 0.5, 1.0)``, ``engine="jvp"``; ntk: ``probe_size=64``, ``probe_seed=0``,
-    ``form="trace"``, ``method="auto"``, ``memory_bytes=2**31``.
-    """
-    from linft.analysis import fidelity as analyze_fidelity
-    from linft.analysis import paths as analyze_paths
-    if kind not in KINDS:
-        raise LinftError(f"analysis kind must be one of {KINDS}, got {kind!r}")
-    runs = [Path(r) for r in runs]
-    if not 1 <= len(runs) <= 2:
-        raise LinftError(f"{kind} reads one or two runs, got {len(runs)}")
-    if kind == "ntk" and len(runs) != 1:
-        raise LinftError("ntk reads one run (its kernel at theta0 and at theta_ft)")
-    opts = resolve_options(kind, options)
-    fn = {"distance": distance, "interp": analyze_paths.interp, "funcinterp": analyze_paths.funcinterp,
-          "identity": analyze_paths.identity, "linearity": analyze_fidelity.linearity,
-          "ntk": analyze_fidelity.ntk}[kind]
-
-    def compute():
-        loaded = [load_run(p, opts["weights"], opts["device"], opts["dtype"]) for p in runs]
-        return fn(loaded, **{k: v for k, v in opts.items() if k not in ("weights", "dtype", "device")}) \
-            if kind != "distance" else fn(loaded)
-    return cached(kind, runs, opts, compute)
+def endpoints(runs: list[LoadedRun]) -> tuple[dict, dict, str, str, dict]:
+    """(theta_A, theta_B, label A, label B, row fields) of a straight path: one run -> (theta0,
+    theta_ft), the head at a = 0 its initial value; two runs -> (theta_A, theta_B), checked to be
+    one function (:func:`check_pair`)."""
+    if len(runs) == 1:
+        r = runs[0]
+        return r.theta0, r.theta, "theta0", f"ft:{r.id}", {"head_at_0": "init" if r.theta0_head != "probe" else "probe"}
+    a, b = runs
+    shared = check_pair(a, b)
+    return a.theta, b.theta, f"ft:{a.id}", f"ft:{b.id}", {"theta0_shared": shared}

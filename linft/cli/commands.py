@@ -1,4 +1,10 @@
-"""Sub-command registry: each feature area registers its own sub-commands here."""
+"""Sub-command registry: each feature area registers its own sub-commands here.
+
+Some areas import torch or pandas to build their parsers (``analyze`` lists the registered
+analyses and their options; the results commands list selection methods and formats). When
+:func:`linft.cli.app.main` knows which command was invoked it sets ``sub.linft_command``; the other
+heavy areas then get a one-line stub (their name and help in ``linft --help``), so that
+``linft --help`` and ``linft train ...`` never import them. Without it everything is built."""
 from __future__ import annotations
 
 import json
@@ -9,6 +15,27 @@ def _inspect(args) -> int:
     info = inspect_backbone(args.backbone, args.k, args.p, args.num_classes, args.resolution, args.weights_file)
     print(json.dumps(info, indent=2))
     return 0
+
+
+# command -> its help in `linft --help`, for the areas whose parsers are heavy to build
+_HEAVY = {
+    "results": {"soup": "uniform soup, greedy soup and output ensemble of finished runs",
+                "collect": "all rows of a runs folder as one long table (CSV or Parquet), and the o.o.d. table "
+                           "of one selection method",
+                "plot": "every figure the runs support (PNG, PDF and the CSV behind each)",
+                "report": "a report: summary and DomainBed-style tables (and figures for markdown)"},
+    "analyze": {"analyze": "analyses of finished runs (distance, interpolation, Taylor fidelity, NTK, "
+                           "soups, trends; `linft analyze --help` lists every kind)"},
+}
+
+
+def _wanted(sub, area: str) -> bool:
+    only = getattr(sub, "linft_command", None)
+    if only is None or only in _HEAVY[area]:
+        return True
+    for name, help_ in _HEAVY[area].items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return False
 
 
 def register_all(sub) -> None:
@@ -26,11 +53,13 @@ def register_all(sub) -> None:
     train_cli.register(sub)
     from linft.cli import sweep as sweep_cli
     sweep_cli.register(sub)
-    from linft.cli import results
-    results.register(sub)
+    if _wanted(sub, "results"):
+        from linft.cli import results
+        results.register(sub)
     from linft.cli import bench
     bench.register(sub)
-    from linft.cli import analyze as analyze_cli
-    analyze_cli.register(sub)
+    if _wanted(sub, "analyze"):
+        from linft.cli import analyze as analyze_cli
+        analyze_cli.register(sub)
     from linft.cli import data as data_commands
     data_commands.register(sub)

@@ -37,8 +37,7 @@ def demo_configs(cache_dir: str) -> dict[str, RunConfig]:
 
 
 def run_demo(out: str | Path = "linft-demo", figures: str | Path | None = None) -> Path:
-    from linft.analysis import loading as analyze
-    from linft.analysis.fidelity import size_trend
+    from linft.analysis.registry import analyze
     from linft.results.report import write_report
     from linft.training.launch import train
     t0 = time.perf_counter()
@@ -59,10 +58,10 @@ def run_demo(out: str | Path = "linft-demo", figures: str | Path | None = None) 
             ("linearity", [l9, p9]), ("ntk", [p0]), ("ntk", [p9]), ("identity", [l0, l9]), ("identity", [p0, p9])]
     for kind, runs in jobs:
         stage(f"analysis {kind}: {' vs '.join(Path(r).name for r in runs)}")
-        analyze.analyze(kind, runs, **OPTIONS.get(kind, {}))
+        analyze(kind, runs, **OPTIONS.get(kind, {}))
     stage("dataset-size trend (n = 100, 300, 800; tail at p = 0.9, and distances of the linear runs)")
-    size_trend([paths["tail p=0.9 n=100"], paths["tail p=0.9 n=300"], p9], probe_size=NTK_PROBE)
-    size_trend([paths["linear p=0.9 n=100"], paths["linear p=0.9 n=300"], l9], kinds=("distance",))
+    analyze("trend", [paths["tail p=0.9 n=100"], paths["tail p=0.9 n=300"], p9], probe_size=NTK_PROBE)
+    analyze("trend", [paths["linear p=0.9 n=100"], paths["linear p=0.9 n=300"], l9], kinds=("distance",))
     stage("report and figures")
     report = write_report(root, out / "report.md", figures or out / "figures",
                           title="linft demo: EfficientNet-Lite0 (ImageNet), MNIST -> UCI optdigits")

@@ -3,7 +3,7 @@ maximum, and loss / error barriers under both definitions (paper_notes.md sectio
 
 For endpoint values L(0), L(1) and a curve L(a) on a grid containing 0 and 1:
 
-    line:  B = max_a [ L(a) - ((1 - a) L(0) + a L(1)) ]   (w.r.t. the chord; <= 0: no barrier)
+    line:  B = max_a [ L(a) - ((1 - a) L(0) + a L(1)) ]   (w.r.t. the chord; >= 0 with the endpoints on the grid, 0: no barrier)
     mean:  B = max_a L(a) - (L(0) + L(1)) / 2             (w.r.t. the endpoint mean, Frankle et al.)
 
 Pure torch/stdlib; parameters are interpolated with :func:`linft.core.params.lerp` (exact endpoints,

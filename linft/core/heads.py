@@ -26,6 +26,24 @@ def check_dropout_rate(p: float) -> float:
     return p
 
 
+def dropout_mask(shape, p: float, *, dtype: torch.dtype, device, generator: torch.Generator | None = None,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """The inverted-dropout mask m / (1 - p), m ~ Bernoulli(1 - p) per entry, of ``shape``: what
+    ``F.dropout(x, p)`` multiplies ``x`` by. The one mask implementation of linft. Without
+    ``generator`` it is drawn by ``F.dropout`` itself from the global RNG, consuming it exactly as
+    :class:`DropoutHead` does (so a linearized model, a distributed rank and the network see the same
+    masks for the same seed); with ``generator`` it is drawn from that generator. ``memory_format``:
+    the layout the mask is drawn in (the draw fills memory in order, so it must match the input's)."""
+    if p == 0:
+        return torch.ones(shape, dtype=dtype, device=device)
+    if generator is None:
+        with torch.no_grad():
+            ones = torch.ones(shape, dtype=dtype, device=device).contiguous(memory_format=memory_format)
+            return F.dropout(ones, p, True)
+    keep = torch.rand(shape, generator=generator, device=device, dtype=dtype) >= p
+    return keep.to(dtype) / (1.0 - p)
+
+
 def pool(h: torch.Tensor) -> torch.Tensor:
     """Global average pool: [B, C, H, W] -> [B, C]; [B, C] passes through."""
     return h.mean(dim=(2, 3)) if h.dim() == 4 else h

@@ -15,7 +15,7 @@ Dropout: a dropout module inside ``f`` draws one mask per example and applies it
 the tangent stream alike (forward-mode AD of dropout multiplies the tangent by the same mask). For
 the paper's head, pool -> dropout -> Linear(W0, b0), the linearized output is therefore
     W0 (m * Phi_lin) + dW (m * Phi0) + b0 + db,   Phi_lin = Phi0 + J_Phi dtheta_tail,
-first order in both the tail and the head (PAPER.md, "Linear view"; DESIGN.md).
+first order in both the tail and the head ([ZB] Sec. 3, the linear view of fine-tuning).
 
 Head initialisation matters: with a zero head (W0 = 0) the tail's tangent is multiplied by W0 and
 receives no gradient, so a linearized tail never moves. Linearize around a random head (DomainBed's
@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call, jvp
+from torch.func import jvp
 from torch.utils._pytree import tree_map
 
 from linft.core.surgery import batchnorm_modules, freeze_batchnorm
 from linft.core.tangent import onepass_terms
+from linft.core.tangent_rules import functional_call_restoring as _functional_call, shares_modules
 from linft.errors import LinearizationError
 
 ENGINES = ("jvp", "onepass")
@@ -105,6 +106,7 @@ class LinearizedModule(nn.Module):
         # The shell is the template functional_call runs; its children become ours so that our
         # parameters and buffers carry the wrapped module's names.
         object.__setattr__(self, "_shell", shell)
+        self._shared = shares_modules(shell)
         for name, child in shell.named_children():
             self.add_module(name, child)
         for name, p in shell.named_parameters(recurse=False):
@@ -159,7 +161,7 @@ class LinearizedModule(nn.Module):
         theta0 = self.theta0.as_dict()
 
         def f(params: dict[str, torch.Tensor]):
-            return functional_call(self._shell, {**consts, **params}, args, kwargs)
+            return _functional_call(self._shell, {**consts, **params}, args, kwargs, self._shared)
 
         return jvp(f, (theta0,), (self.delta(),))
 
@@ -170,11 +172,12 @@ class LinearizedModule(nn.Module):
     def reference(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped module itself at theta0 (no Taylor term): f(x; theta0)."""
         self._check_batchnorm()
-        return functional_call(self._shell, {**self._constants(), **self.theta0.as_dict()}, args, kwargs)
+        return _functional_call(self._shell, {**self._constants(), **self.theta0.as_dict()}, args, kwargs,
+                                self._shared)
 
     def nonlinear(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped (non-linearized) module evaluated at the current theta: f(x; theta)."""
-        return functional_call(self._shell, {**self._constants(), **self.theta()}, args, kwargs)
+        return _functional_call(self._shell, {**self._constants(), **self.theta()}, args, kwargs, self._shared)
 
 
 def linearize(module: nn.Module, params0: Mapping[str, torch.Tensor] | None = None,

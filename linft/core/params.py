@@ -99,12 +99,15 @@ def delta_comparison(delta_a: Params, delta_b: Params, group: Callable[[str], st
     aa = {n: _sq(t) for n, t in delta_a.items()}
     bb = {n: _sq(delta_b[n]) for n in delta_a}
     ab = {n: _dot(delta_a[n], delta_b[n]) for n in delta_a}
+    # |a - b| from the difference itself (float64): sqrt(|a|^2 + |b|^2 - 2 a.b) cancels
+    # catastrophically for near-equal deltas (0.0 at a 1e-8 relative difference)
+    dd = {n: _sq(delta_a[n].detach().double() - delta_b[n].detach().double()) for n in delta_a}
     out = []
     for level, layer, ns in _levels(delta_a, group):
-        sa, sb, sab = sum(aa[n] for n in ns), sum(bb[n] for n in ns), sum(ab[n] for n in ns)
+        sa, sb, sab, sd = (sum(v[n] for n in ns) for v in (aa, bb, ab, dd))
         na, nb = math.sqrt(sa), math.sqrt(sb)
         cos = sab / (na * nb) if na > 0 and nb > 0 else float("nan")
-        out.append(dict(level=level, layer=layer, cosine=cos, distance=math.sqrt(max(sa + sb - 2 * sab, 0.0)),
+        out.append(dict(level=level, layer=layer, cosine=cos, distance=math.sqrt(sd),
                         norm_a=na, norm_b=nb))
     return out
 

@@ -1,4 +1,4 @@
-"""Model surgery: split a backbone into trunk | tail | head by module names (DESIGN.md).
+"""Model surgery: split a backbone into trunk | tail | head by module names ([ZB] Sec. 3: the head sits on the last residual block).
 
 - trunk: stem + all residual blocks but the last k (frozen; its output may be cached),
 - tail: the last k residual blocks (+ the "neck" after them, e.g. EfficientNet's conv_head/bn2),
@@ -32,18 +32,37 @@ class Layout:
     classifier: str           # the original classifier's name (replaced by the head)
 
 
-def layout_of(model: nn.Module) -> Layout:
-    """Recognise torchvision ResNets (and linft's TinyResNet) and timm EfficientNets by their names."""
+def resnet_layout(model: nn.Module) -> Layout:
+    """torchvision ResNets (and linft's TinyResNet): stem conv1/bn1/relu/maxpool, blocks layer1-4.*, fc."""
     names = dict(model.named_children())
-    if {"conv1", "bn1", "layer1", "layer4", "fc"} <= set(names):
-        blocks = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(model, f"layer{i}"))))
-        stem = tuple(n for n in ("conv1", "bn1", "relu", "maxpool") if n in names)
-        return Layout("resnet", stem, blocks, (), "fc")
-    if {"conv_stem", "bn1", "blocks", "conv_head", "bn2", "classifier"} <= set(names):
-        blocks = tuple(f"blocks.{i}.{j}" for i, stage in enumerate(model.blocks) for j in range(len(stage)))
-        return Layout("efficientnet", ("conv_stem", "bn1"), blocks, ("conv_head", "bn2"), "classifier")
-    raise ConfigError(f"cannot split a {type(model).__name__}: linft knows torchvision ResNets and "
-                      "timm EfficientNets (module names conv1/layer1-4/fc or conv_stem/blocks/conv_head)")
+    blocks = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(model, f"layer{i}"))))
+    stem = tuple(n for n in ("conv1", "bn1", "relu", "maxpool") if n in names)
+    return Layout("resnet", stem, blocks, (), "fc")
+
+
+def efficientnet_layout(model: nn.Module) -> Layout:
+    """timm EfficientNets: stem conv_stem/bn1, blocks.<stage>.<i>, neck conv_head/bn2, classifier."""
+    blocks = tuple(f"blocks.{i}.{j}" for i, stage in enumerate(model.blocks) for j in range(len(stage)))
+    return Layout("efficientnet", ("conv_stem", "bn1"), blocks, ("conv_head", "bn2"), "classifier")
+
+
+# family -> (module names that identify it, layout function)
+LAYOUTS = {
+    "resnet": ({"conv1", "bn1", "layer1", "layer4", "fc"}, resnet_layout),
+    "efficientnet": ({"conv_stem", "bn1", "blocks", "conv_head", "bn2", "classifier"}, efficientnet_layout),
+}
+
+
+def layout_of(model: nn.Module, family: str | None = None) -> Layout:
+    """The layout of ``model``: of the named ``family`` (a key of :data:`LAYOUTS`, as a backbone
+    registry entry declares it), else recognised by its module names."""
+    names = set(dict(model.named_children()))
+    for fam, (needed, layout) in LAYOUTS.items():
+        if (family is None or fam == family) and needed <= names:
+            return layout(model)
+    raise ConfigError(f"cannot split a {type(model).__name__}" + (f" as a {family}" if family else "") +
+                      ": linft knows torchvision ResNets and timm EfficientNets "
+                      "(module names conv1/layer1-4/fc or conv_stem/blocks/conv_head)")
 
 
 def _flat(name: str) -> str:
@@ -70,15 +89,16 @@ class Split:
 
 
 def split_network(model: nn.Module, k: int, num_classes: int, p: float = 0.0,
-                  head_init: str = "random", keep_classifier: bool = False) -> Split:
+                  head_init: str = "random", keep_classifier: bool = False, family: str | None = None) -> Split:
     """Split ``model`` into trunk | last ``k`` blocks (+ neck) | DropoutHead(p).
 
     ``k`` ranges over 0..number of blocks (ResNet50: 16 blocks, k=3 is layer4). The head is a new
     ``Linear(feature_dim, num_classes)`` initialised per ``head_init``; ``keep_classifier=True``
     copies the original classifier instead (then ``num_classes`` must match it), which lets a test
-    check that the pieces reproduce the original forward.
+    check that the pieces reproduce the original forward. ``family`` names the layout (see
+    :func:`layout_of`); without it the layout is recognised from the module names.
     """
-    layout = layout_of(model)
+    layout = layout_of(model, family)
     n = len(layout.blocks)
     if not isinstance(k, int) or not 0 <= k <= n:
         raise ConfigError(f"k must be an integer in [0, {n}] for {type(model).__name__} ({n} blocks), got {k!r}")

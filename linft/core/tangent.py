@@ -10,7 +10,7 @@ computes the same pair by hand, module by module (rules in :mod:`linft.core.tang
     use their exact derivatives; unknown modules fall back to ``torch.func.jvp`` for that submodule;
   - backward runs through the tangent stream only.
 
-Cost (DESIGN.md, "Performance references"): primal 1 + tangent 2 + backward 2 = 5 units against
+Cost (paper_notes.md, section 1): primal 1 + tangent 2 + backward 2 = 5 units against
 3 for a standard step. For cached, un-augmented inputs the primal never changes (BatchNorm is
 frozen, dropout sits after pooling): :class:`PrimalCache` stores, once, what the tangent needs
 (each linearized conv's input, each BatchNorm's normalised input xhat, each ReLU's mask as bool,
@@ -35,6 +35,10 @@ from linft.errors import LinearizationError
 _INPUT = "input"  # a cache entry that is the cached input tensor itself (stored once, by reference)
 
 
+class _Shape(tuple):
+    """A cache entry holding a layer's output shape without the batch dimension (see ``_Ctx.out_shape``)."""
+
+
 class _Ctx:
     """Carries theta0 / theta - theta0 and the primal-cache mode through one pass.
 
@@ -42,8 +46,11 @@ class _Ctx:
     (no tangents); "replay": primals not computed live are read from ``cache`` at ``idx``.
     """
 
-    def __init__(self, params0, deltas, mode="compute", x=None, cache=None, idx=None):
+    def __init__(self, params0, deltas, mode="compute", x=None, cache=None, idx=None, root=None):
         self.params0, self.deltas, self.mode = params0, deltas, mode
+        # the module the pass runs: a parameter reached under a second path (a module used twice,
+        # tied weights) is found by identity under its first name, the one params0 uses
+        self.root, self._names = root, None
         self.x, self.cache, self.idx = x, cache, idx
         self.entries: list = []
         self.pos = 0
@@ -56,18 +63,53 @@ class _Ctx:
     def recording(self) -> bool:
         return self.mode == "record"
 
-    def linearized(self, full_name: str) -> bool:
-        """Whether the parameter is linearized (static: the same when recording and replaying)."""
-        return full_name in self.params0
+    def _key(self, m: nn.Module, prefix: str, name: str) -> str | None:
+        """The params0 name of ``m``'s parameter ``name`` reached at ``prefix``, or None (frozen/absent).
 
-    def param(self, m: nn.Module, prefix: str, name: str):
+        ``prefix + name`` is that name unless the parameter was reached under a second path (a
+        module used twice, weights tied between modules): ``named_parameters()`` (and so params0)
+        names each parameter once, under its first path, and reading the second path as a constant
+        would use theta instead of theta0 and drop its tangent."""
         full = prefix + name
         if full in self.params0:
-            return self.params0[full], (None if self.recording else self.deltas.get(full))
+            return full
+        try:
+            p = m.get_parameter(name)
+        except AttributeError:
+            return None
+        if self._names is None:
+            self._names = {} if self.root is None else {id(q): n for n, q in self.root.named_parameters()}
+        key = self._names.get(id(p))
+        return key if key in self.params0 else None
+
+    def linearized(self, m: nn.Module, prefix: str, name: str) -> bool:
+        """Whether the parameter is linearized (static: the same when recording and replaying)."""
+        return self._key(m, prefix, name) is not None
+
+    def param(self, m: nn.Module, prefix: str, name: str):
+        key = self._key(m, prefix, name)
+        if key is not None:
+            return self.params0[key], (None if self.recording else self.deltas.get(key))
         try:
             return m.get_parameter(name), None
         except AttributeError:
             return getattr(m, name, None), None
+
+    def out_shape(self, live: bool, fn) -> tuple:
+        """The full output shape of a layer whose tangent may be its bias alone (the tangent must have
+        the full shape, see ``_full`` in the rules); replayed from the cache when not live. Rules call
+        it whenever the bias is linearized and the weight is not (static, like ``need``)."""
+        if self.mode == "compute":
+            return tuple(fn())
+        if self.mode == "record":
+            s = tuple(fn())
+            self.entries.append(_Shape(s[1:]))
+            return s
+        entry = self.cache._entry(self.pos)
+        self.pos += 1
+        if not isinstance(entry, _Shape):
+            raise LinearizationError("the primal cache does not match the module (a shape was expected)")
+        return tuple(fn()) if live else (self.cache._batch(self.idx),) + tuple(entry)
 
     def need(self, live: bool, fn, used: bool = True):
         if self.mode == "compute":
@@ -78,6 +120,8 @@ class _Ctx:
             return v
         entry = self.cache._entry(self.pos)
         self.pos += 1
+        if isinstance(entry, _Shape):
+            raise LinearizationError("the primal cache does not match the module (a shape where a value was expected)")
         if live:
             return fn() if used else None
         if entry is None:
@@ -105,7 +149,7 @@ def onepass_terms(module: nn.Module, x: torch.Tensor, params0: Mapping[str, torc
     primal carries no graph.
     """
     _check_params(params0, deltas)
-    ctx = _Ctx(params0, deltas, x=x)  # x: the caller's tensor, never modified in place
+    ctx = _Ctx(params0, deltas, x=x, root=module)  # x: the caller's tensor, never modified in place
     y0, dy = rule_for(module)(module, "", x, None, ctx)
     return y0, (torch.zeros_like(y0) if dy is None else dy)
 
@@ -149,6 +193,16 @@ class PrimalCache:
             raise LinearizationError("the primal cache does not match the module (more values asked than stored)")
         return self.entries[pos]
 
+    def _batch(self, idx) -> int:
+        """How many examples ``inputs[idx]`` holds (without gathering them)."""
+        if isinstance(idx, slice):
+            return len(range(*idx.indices(self.num_examples)))
+        if isinstance(idx, torch.Tensor) and idx.dim() == 1 and idx.dtype != torch.bool:
+            return idx.shape[0]
+        if isinstance(idx, torch.Tensor):
+            idx = idx.cpu()
+        return torch.empty((self.num_examples, 0))[idx].shape[0]
+
     def _gather(self, entry, idx):
         src = self.inputs if isinstance(entry, str) else entry
         v = src[idx.to(src.device) if isinstance(idx, torch.Tensor) else idx]  # keeps channels_last
@@ -161,7 +215,7 @@ class PrimalCache:
         lin = self.lin
         lin._check_batchnorm()
         params0, deltas = lin.theta0.as_dict(), lin.lazy_delta()
-        ctx = _Ctx(params0, deltas, mode="replay", cache=self, idx=idx)
+        ctx = _Ctx(params0, deltas, mode="replay", cache=self, idx=idx, root=lin._shell)
         y0, dy = rule_for(lin._shell)(lin._shell, "", None, None, ctx)
         f0 = ctx.need(y0 is not None, lambda: y0)  # the cached output when nothing downstream is stochastic
         if ctx.pos != len(self.entries):
@@ -175,7 +229,7 @@ class PrimalCache:
 
 def _alloc(e, n: int, store_dtype: torch.dtype | None):
     """Room for ``n`` examples shaped like the recorded chunk ``e`` (same memory format)."""
-    if e is None or isinstance(e, str):
+    if not isinstance(e, torch.Tensor):  # None, _INPUT, a _Shape
         return e
     dtype = e.dtype if (e.dtype == torch.bool or store_dtype is None) else store_dtype
     out = torch.empty((n,) + tuple(e.shape[1:]), device=e.device, dtype=dtype)
@@ -202,7 +256,7 @@ def build_primal_cache(lin, inputs: torch.Tensor, store_dtype: torch.dtype | Non
         n = inputs.shape[0]
         for start in range(0, n, batch_size):
             x = inputs[start:start + batch_size]
-            ctx = _Ctx(params0, {}, mode="record", x=x)
+            ctx = _Ctx(params0, {}, mode="record", x=x, root=shell)
             y0, _ = rule_for(shell)(shell, "", x, None, ctx)
             ctx.need(True, lambda: y0)
             if store is None:

@@ -16,29 +16,31 @@ without importing torchvision or timm. Anything else falls back to ``torch.func.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, jvp
 
-from linft.core.heads import DropoutHead, pool
+from linft.core.conv_tangent import _ConvTangent, _add, _conv_tangent, _in_transform, _same_pad  # noqa: F401 (_ConvTangent: tests)
+from linft.core.heads import DropoutHead, dropout_mask, pool
 from linft.errors import LinearizationError
-
-
-def _add(a, b):
-    """Sum of two tangents where ``None`` is zero."""
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
 
 
 def _chan(v: torch.Tensor, ndim: int) -> torch.Tensor:
     """A per-channel vector [C] shaped to broadcast over [B, C, ...]."""
     return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _full(v: torch.Tensor, shape, like=None) -> torch.Tensor:
+    """``v`` (a bias, broadcastable) as a full tangent of ``shape``, in ``like``'s memory format.
+
+    A layer whose only linearized term is its bias must not hand on a broadcast [1, C, 1, 1] / [C]
+    tangent: a padded convolution of a constant is not constant at the borders, and the in-place
+    rules (BatchNorm, ReLU) need a full-shape tensor of their own."""
+    cl = (like is not None and like.dim() == 4 and not like.is_contiguous()
+          and like.is_contiguous(memory_format=torch.channels_last))
+    return v.expand(shape).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 def _run(m: nn.Module, prefix: str, x0, dx, ctx):
@@ -48,77 +50,6 @@ def _run(m: nn.Module, prefix: str, x0, dx, ctx):
 
 
 # ---- convolution / linear ------------------------------------------------------------------
-
-def _same_pad(x: torch.Tensor, m: nn.Conv2d) -> torch.Tensor:
-    """timm's TF 'SAME' padding (Conv2dSame), applied to primal and tangent alike (it is linear)."""
-    ih, iw = x.shape[-2:]
-    (kh, kw), (sh, sw), (dh, dw) = m.weight.shape[-2:], m.stride, m.dilation
-    ph = max((math.ceil(ih / sh) - 1) * sh + (kh - 1) * dh + 1 - ih, 0)
-    pw = max((math.ceil(iw / sw) - 1) * sw + (kw - 1) * dw + 1 - iw, 0)
-    return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]) if ph or pw else x
-
-
-class _ConvTangent(torch.autograd.Function):
-    """conv(dx, W0) + conv(h, dW) in one autograd node that saves only h (and W0, a buffer).
-
-    Autograd's own convolution node saves its input and weight whatever needs a gradient, so the
-    unfused form would also keep every tangent activation dx and every dW = theta - theta0 alive
-    until the backward (~1.4x a standard step's saved activations on a ResNet50 tail). Here
-    grad_dx = conv_transpose(g, W0) and grad_dW = corr(h, g) come from one
-    ``aten.convolution_backward`` call (h has dx's shape, so it stands in for the input size).
-    Operands arrive already cast to the autocast dtype (see ``_conv_tangent``).
-    """
-
-    @staticmethod
-    def forward(ctx, dx, h, w0, dw, conf):
-        stride, padding, dilation, groups = conf
-        with torch.autocast(w0.device.type, enabled=False):
-            out = None if dx is None else F.conv2d(dx, w0, None, stride, padding, dilation, groups)
-            if dw is not None:
-                out2 = F.conv2d(h, dw, None, stride, padding, dilation, groups)
-                out = out2 if out is None else out.add_(out2)
-        ctx.conf, ctx.has_dw = conf, dw is not None
-        # grad_dx needs only dx's size: an expanded scalar stands in when h is not kept (frozen W)
-        ctx.save_for_backward(w0.new_zeros(()).expand(dx.shape) if h is None else h, w0)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        stride, padding, dilation, groups = ctx.conf
-        h, w0 = ctx.saved_tensors
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            g.to(w0.dtype), h, w0, None, _pair(stride), _pair(padding), _pair(dilation), False, [0, 0], groups,
-            [need_dx, need_dw and ctx.has_dw, False])
-        return gx, None, None, gw, None
-
-
-def _in_transform(*ts) -> bool:
-    """Inside torch.func transforms (vmap, grad, jacrev, jvp) or forward-mode AD, where the fused
-    node (reverse mode only) does not apply; the plain convolutions are used there instead."""
-    return (torch.autograd.forward_ad._current_level >= 0
-            or any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts))
-
-
-def _conv_tangent(dx, h, w0, dw, conf):
-    """conv(dx, W0) + conv(h, dW); ``None`` operands are zero (dx) or not linearized (dW)."""
-    stride, padding, dilation, groups = conf
-    if isinstance(padding, str) or _in_transform(dx, h, w0, dw):  # padding="same"/"valid": plain too
-        out = None if dx is None else F.conv2d(dx, w0, None, stride, padding, dilation, groups)
-        return out if dw is None else _add(out, F.conv2d(h, dw, None, stride, padding, dilation, groups))
-    dtype = _autocast_dtype(w0.device.type)
-    if dtype is not None:  # what autocast would do to each convolution's operands
-        dx, h, w0, dw = (None if t is None else t.to(dtype) for t in (dx, h, w0, dw))
-    return _ConvTangent.apply(dx, h, w0, dw, conf)
-
-
-def _pair(v) -> list[int]:
-    return [v, v] if isinstance(v, int) else list(v)
-
-
-def _autocast_dtype(device_type: str):
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
 
 def _conv(m: nn.Conv2d, prefix, x0, dx, ctx):
     w0, dw = ctx.param(m, prefix, "weight")
@@ -132,17 +63,21 @@ def _conv(m: nn.Conv2d, prefix, x0, dx, ctx):
         pad, padding = (lambda t: t), m.padding
 
     live = x0 is not None
-    h = ctx.need(live, lambda: x0, used=ctx.linearized(prefix + "weight"))
+    lin_w = ctx.linearized(m, prefix, "weight")
+    h = ctx.need(live, lambda: x0, used=lin_w)
     y0 = None
     if live:
         with torch.no_grad():
             y0 = F.conv2d(pad(x0), w0, b0, m.stride, padding, m.dilation, m.groups)
+    shape = None
+    if not lin_w and ctx.linearized(m, prefix, "bias"):  # the tangent may be the bias alone
+        shape = ctx.out_shape(live, lambda: y0.shape)
     dy = None
     if dx is not None or dw is not None:  # dh = 0 (a constant input) costs nothing
         dy = _conv_tangent(None if dx is None else pad(dx), None if h is None else pad(h), w0, dw,
                            (m.stride, padding, m.dilation, m.groups))
     if db is not None:
-        dy = _add(dy, _chan(db, 4))
+        dy = _full(_chan(db, 4), shape, y0) if dy is None else dy + _chan(db, 4)
     ctx.fresh = (y0, dy)
     return y0, dy
 
@@ -151,16 +86,20 @@ def _linear(m: nn.Linear, prefix, x0, dx, ctx):
     w0, dw = ctx.param(m, prefix, "weight")
     b0, db = ctx.param(m, prefix, "bias")
     live = x0 is not None
-    h = ctx.need(live, lambda: x0, used=ctx.linearized(prefix + "weight"))
+    lin_w = ctx.linearized(m, prefix, "weight")
+    h = ctx.need(live, lambda: x0, used=lin_w)
     y0 = None
     if live:
         with torch.no_grad():
             y0 = F.linear(x0, w0, b0)
+    shape = None
+    if not lin_w and ctx.linearized(m, prefix, "bias"):  # the tangent may be the bias alone
+        shape = ctx.out_shape(live, lambda: y0.shape)
     dy = None if dx is None else F.linear(dx, w0)
     if dw is not None:
         dy = _add(dy, F.linear(h, dw))
     if db is not None:
-        dy = _add(dy, db)
+        dy = _full(db, shape) if dy is None else dy + db
     return y0, dy
 
 
@@ -175,7 +114,7 @@ def _batchnorm(m: nn.modules.batchnorm._BatchNorm, prefix, x0, dx, ctx):
     g0, dg = ctx.param(m, prefix, "weight") if m.affine else (None, None)
     b0, db = ctx.param(m, prefix, "bias") if m.affine else (None, None)
     invstd = torch.rsqrt(m.running_var + m.eps)
-    keep = ctx.linearized(prefix + "weight") or ctx.linearized(prefix + "bias")
+    keep = ctx.linearized(m, prefix, "weight") or ctx.linearized(m, prefix, "bias")
     live = x0 is not None
     fresh0, fresh_t = ((t is not None and t is f) for t, f in zip((x0, dx), ctx.incoming))
     y0 = xhat = None
@@ -236,8 +175,12 @@ def _dropout_mask(x0: torch.Tensor, p: float, training: bool):
     the RNG is consumed exactly as in the reference (same shape, dtype and device)."""
     if not training or p == 0:
         return None
-    with torch.no_grad():
-        return F.dropout(torch.ones_like(x0), p, True)
+    return dropout_mask(x0.shape, p, dtype=x0.dtype, device=x0.device, memory_format=_layout(x0))
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
 
 
 def _dropout(m, prefix, x0, dx, ctx, p=None):
@@ -271,7 +214,8 @@ _apply = _linear_free(lambda m, t: m(t))
 
 
 def _sequential(m, prefix, x0, dx, ctx):
-    for name, child in m.named_children():
+    # every entry, as Sequential.forward runs them: named_children() would skip a module's second use
+    for name, child in m._modules.items():
         x0, dx = _run(child, f"{prefix}{name}.", x0, dx, ctx)
     return x0, dx
 
@@ -345,6 +289,29 @@ def _dropout_head(m: DropoutHead, prefix, x0, dx, ctx):
 
 # ---- fallback: torch.func.jvp over functional_call for that submodule ----------------------
 
+def shares_modules(module: nn.Module) -> bool:
+    """Whether a submodule is reachable under two paths (a module used twice)."""
+    return (sum(1 for _ in module.named_modules(remove_duplicate=False))
+            != sum(1 for _ in module.named_modules()))
+
+
+def functional_call_restoring(module: nn.Module, tensors, args, kwargs, shared: bool):
+    """``torch.func.functional_call``; with a module used twice (``shared``) it computes the right
+    values but restores the module wrongly (torch 2.x: both paths' parameters are left as plain
+    tensors, so the module no longer holds its own trainable parameters), so every submodule's
+    parameters and buffers are put back by hand afterwards."""
+    if not shared:
+        return functional_call(module, tensors, args, kwargs)
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+    try:
+        return functional_call(module, tensors, args, kwargs)
+    finally:
+        for m, ps, bs in saved:
+            m._parameters.update(ps)
+            m._buffers.update(bs)
+
+
+
 def _fallback(m, prefix, x0, dx, ctx):
     live = x0 is not None
     x = ctx.need(live, lambda: x0, used=True)
@@ -353,13 +320,14 @@ def _fallback(m, prefix, x0, dx, ctx):
     lin = {n: pd for n, pd in pairs.items() if pd[1] is not None}
     if ctx.recording or (not lin and dx is None):
         with torch.no_grad():
-            y0 = functional_call(m, {n: pd[0] for n, pd in pairs.items()}, (x,))
+            y0 = functional_call_restoring(m, {n: pd[0] for n, pd in pairs.items()}, (x,), {}, shares_modules(m))
         return y0, None
     const = {n: pd[0] for n, pd in pairs.items() if pd[1] is None}
     p0 = {n: pd[0] for n, pd in lin.items()}
     dp = {n: pd[1] for n, pd in lin.items()}
     t = torch.zeros_like(x) if dx is None else dx
-    return jvp(lambda xx, pp: functional_call(m, {**const, **pp}, (xx,)), (x, p0), (t, dp))
+    shared = shares_modules(m)
+    return jvp(lambda xx, pp: functional_call_restoring(m, {**const, **pp}, (xx,), {}, shared), (x, p0), (t, dp))
 
 
 # ---- dispatch --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The paper's "unfolded" linear model, Eq. (1) (PAPER.md, Method):
+"""The paper's "unfolded" linear model, Eq. (1) ([ZB] Sec. 3):
 
     Phi~(x) = sum_i v_i * phi_i(x; w0),    y = V dropout(Phi~(x)) + b
 

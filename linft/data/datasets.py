@@ -46,7 +46,7 @@ def _unknown(name: str) -> DataError:
 
 
 @dataclass
-class Layout:
+class FolderLayout:
     """What a scan of an image-folder tree found; ``problems`` empty means usable.
 
     ``files[env][cls]`` lists the image files of one class folder (sorted); ``classes[env]`` the
@@ -68,13 +68,21 @@ class Layout:
         return self.root / self.spec.subdir / self.spec.folders[self.spec.environments.index(env)]
 
 
-def scan_layout(name: str, root: str | Path) -> Layout:
+def _bad_class_link(cdir: Path, domain: Path, base: Path) -> bool:
+    """Whether the symlinked class folder ``cdir`` resolves into its domain (itself, a sibling, a
+    loop such as ``loop -> .``), to a folder holding the domain, or outside the dataset folder."""
+    real, dom, top = cdir.resolve(), domain.resolve(), base.resolve()
+    return (real == dom or dom in real.parents or real in dom.parents
+            or not (real == top or top in real.parents))
+
+
+def scan_layout(name: str, root: str | Path) -> FolderLayout:
     """Walk ``<root>/<subdir>/<domain>/<class>/`` and collect every layout problem (no decoding)."""
     if name not in FOLDER_DATASETS:
         raise _unknown(name)
     spec = FOLDER_DATASETS[name]
     root = Path(root).expanduser()
-    lay = Layout(spec, root)
+    lay = FolderLayout(spec, root)
     if not root.is_dir():
         lay.problems.append(f"data root {str(root)!r} does not exist")
         return lay
@@ -88,12 +96,19 @@ def scan_layout(name: str, root: str | Path) -> Layout:
         if not folder.is_dir():
             lay.problems.append(f"{name} domain {env!r} is missing: expected the folder {str(folder)!r}")
             continue
-        per_class = {}
+        per_class, looped = {}, []
         for cdir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if cdir.is_symlink() and _bad_class_link(cdir, folder, base):
+                looped.append(cdir.name)
+                continue
             per_class[cdir.name] = sorted(p for p in cdir.rglob("*") if p.is_file() and is_image_file(p))
             if not per_class[cdir.name]:
                 lay.empty_classes.append((env, cdir.name))
         lay.files[env] = per_class
+        if looped:
+            lay.problems.append(f"{name} domain {env!r} has symlinked class folder(s) {looped} that point back into "
+                                f"the domain or outside {str(base)!r} (images would be counted twice or come "
+                                f"from elsewhere); replace them by real folders")
         if not any(per_class.values()):
             lay.problems.append(f"{name} domain {env!r} ({str(folder)!r}) holds no images "
                                 f"(expected {folder.name}/<class>/<image>)")

@@ -1,8 +1,11 @@
 """Frozen-trunk feature cache: trunk activations computed once per image, memory-mapped on disk.
 
 Key: backbone name, weights hash, split point (e.g. "k=3"), dataset key, domain, resolution, plus
-the storage dtype and the environment's content fingerprint (relative file names and labels), and
-never a path: moving the data root keeps the cache, changing any key part rebuilds it.
+the storage dtype and the environment's content fingerprint (relative file names and labels; the
+pixels of an in-memory environment), each image file's size and mtime_ns (:func:`file_stamp`: an
+image replaced in place rebuilds), and never a path: moving the data root (times preserved)
+keeps the cache, changing any key part rebuilds it. A damaged cache (truncated ``features.npy``,
+unreadable labels) is rebuilt, not memory-mapped.
 
 Layout: ``<cache_dir>/<digest>/{features.npy, labels.npy, meta.json, done}``. Building happens in
 ``<cache_dir>/.tmp-<digest>-<random>/`` and ends with one ``os.rename``; an exclusive
@@ -42,6 +45,24 @@ def module_hash(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+def file_stamp(env: Environment) -> str | None:
+    """For an image-folder environment, a hash of every file's size and mtime_ns (in sample order):
+    an image replaced in place under the same name and label changes the key. None for other
+    environments (an in-memory one's fingerprint already hashes its pixels). Moving or copying the
+    data root with times preserved (mv, cp -a, rsync -a) keeps the key."""
+    samples = getattr(env, "samples", None)
+    if samples is None:
+        return None
+    h = hashlib.sha256()
+    for path, _ in samples:
+        try:
+            st = os.stat(path)
+            h.update(f"{st.st_size} {st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(b"missing\n")
+    return h.hexdigest()[:24]
+
+
 class CachedFeatures(Environment):
     """An Environment over cached features: ``features`` ``[N, C, h, w]`` (a read-only memmap),
     ``labels`` int64 ``[N]``; ``load(i)`` returns a float32 tensor ``[C, h, w]``."""
@@ -78,11 +99,22 @@ class FeatureCache:
         if str(key["domain"]) != env.name:
             raise ConfigError(f"feature-cache key names domain {key['domain']!r} but the environment is {env.name!r}")
         full = {**{k: str(v) for k, v in key.items()}, "dtype": self.dtype, "content": env.fingerprint(), "n": len(env)}
+        files = file_stamp(env)
+        if files is not None:
+            full["files"] = files
         return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:24]
 
-    def _open(self, path: Path, name: str, built: bool) -> CachedFeatures:
-        feats = np.load(path / "features.npy", mmap_mode="r")
-        labels = np.load(path / "labels.npy")
+    def _open(self, path: Path, name: str, built: bool) -> CachedFeatures | None:
+        """The cache at ``path``, or None when it is damaged (a truncated or unreadable array, or
+        counts that disagree with meta.json): the caller rebuilds it."""
+        try:
+            n = json.loads((path / "meta.json").read_text())["n"]
+            feats = np.load(path / "features.npy", mmap_mode="r")
+            labels = np.load(path / "labels.npy")
+        except (OSError, ValueError, EOFError, KeyError, TypeError):
+            return None
+        if len(feats) != n or len(labels) != n:
+            return None
         return CachedFeatures(name, feats, labels, path, built)
 
     def get(self, trunk: nn.Module, key: dict, env: Environment, mean, std) -> CachedFeatures:
@@ -95,22 +127,29 @@ class FeatureCache:
         digest = self.digest(key, env)
         final = self.dir / digest
         if (final / "done").is_file():
-            return self._open(final, env.name, built=False)
+            found = self._open(final, env.name, built=False)
+            if found is not None:
+                return found
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / f"{digest}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on a crash
             if (final / "done").is_file():  # another process built it while we waited
-                return self._open(final, env.name, built=False)
+                found = self._open(final, env.name, built=False)
+                if found is not None:
+                    return found
             print(f"feature cache: computing {env.name} ({len(env)} images) -> {final}", flush=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{digest}-", dir=self.dir))
             try:
                 self._build(tmp, trunk, key, env, mean, std)
-                if final.exists():  # a leftover without "done" (manual copy, old crash)
+                if final.exists():  # a leftover without "done" (manual copy, old crash), or damaged
                     shutil.rmtree(final)
                 os.rename(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        return self._open(final, env.name, built=True)
+        out = self._open(final, env.name, built=True)
+        if out is None:
+            raise ConfigError(f"the feature cache just built in {final} cannot be read back")
+        return out
 
     def _build(self, tmp: Path, trunk: nn.Module, key: dict, env: Environment, mean, std) -> None:
         from linft.data.loaders import EnvDataset

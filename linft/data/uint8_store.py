@@ -1,7 +1,7 @@
 """Decoded-image store: every image of a domain decoded once, resized to S x S, kept as uint8.
 
 Full fine-tuning with DomainBed's augmentation is input-bound when each step decodes JPEGs on
-CPU workers (DESIGN.md: 1,172 img/s from 16 workers against a 3,697 img/s H100 step). This store
+CPU workers (measured on one H100: 1,172 img/s from 16 workers against a 3,697 img/s bf16 step). This store
 decodes each dataset once into a memory-mapped ``[N, 3, S, S]`` uint8 array; the augmentation then
 runs batched on the device (:mod:`linft.data.gpu_augment`), from a copy of the store kept in GPU
 memory when it fits (PACS at S=256: 10k images x 196 KiB = 1.9 GiB).

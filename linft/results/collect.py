@@ -1,5 +1,6 @@
-"""Run folders -> one long tidy DataFrame (config joined at load time), and the selections and
-DomainBed-style tables built on it (mean +- standard error over seeds)."""
+"""Run folders -> one long tidy DataFrame (config joined at load time), per-run selections and
+[ZB]'s hyperparameter clouds.  The accuracy tables (DomainBed's model selection, intervals over
+seeds only) are built in linft.results.selection_frames and linft.results.report."""
 from __future__ import annotations
 
 import json
@@ -19,45 +20,74 @@ def run_folders(root: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
 
 
+def _config_columns(cfg: RunConfig) -> dict:
+    return {"test_env": ",".join(cfg.test_envs) or "#0", **{c: getattr(cfg, c) for c in CONFIG_COLUMNS}}
+
+
+def _read_config(folder: Path) -> RunConfig | None:
+    try:
+        return RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _child_frame(child: Path, host: Path, host_columns: dict) -> pd.DataFrame | None:
+    """Rows of one analysis folder of ``host``, with the config columns of ``host`` except the
+    fields in which the member runs differ (empty: no single value describes the rows); a row's own
+    value of such a field (a trend row's ``mode``, ``n_per_domain``) is kept. ``member_runs``: the
+    runs the analysis read, comma-separated."""
+    from linft.runs.store import ChildDir, read_jsonl
+    rows = read_jsonl(child / "rows.jsonl")
+    if not rows:
+        return None
+    df = pd.DataFrame(rows)
+    try:
+        members = [str(m) for m in ChildDir(child).read_config().get("runs", [host.name])]
+    except (OSError, ValueError):
+        members = [host.name]
+    columns = dict(host_columns)
+    others = [_read_config(host.parent / m) for m in members if m != host.name]
+    for cfg in others:
+        theirs = _config_columns(cfg) if cfg is not None else {}
+        for c in list(columns):
+            if cfg is None or theirs[c] != columns[c]:
+                columns[c] = np.nan
+    for c, v in columns.items():
+        if c in df:
+            df[c] = df[c].where(df[c].notna(), v)
+        else:
+            df[c] = [v] * len(df) if isinstance(v, tuple) else v
+    df["member_runs"] = ",".join(members)
+    if "run" not in df:
+        df["run"] = host.name
+    df["run"] = df["run"].fillna(host.name)
+    return df
+
+
 def load_rows(root: str | Path, analyses: bool = True) -> pd.DataFrame:
-    """Every row of every run under ``root`` (results.jsonl, and analyses/*/rows.jsonl when
-    ``analyses``), with the run's config fields as columns and ``state`` (done/failed/running)."""
-    from linft.runs.store import run_state
+    """Every row of every run under ``root`` (results.jsonl, and the analysis folders
+    analyses/*/rows.jsonl -- analyses, size trends, soups -- when ``analyses``), with the run's
+    config fields as columns and ``state`` (done/failed/running). Rows of an analysis of several
+    runs get the config of the run they live under, except the fields the members differ in."""
+    from linft.runs.store import read_jsonl, run_state
     frames = []
     for folder in run_folders(root):
         cfg = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
-        files = [folder / "results.jsonl"]
-        if analyses:
-            files += sorted((folder / "analyses").glob("*/rows.jsonl"))
-        rows = []
-        for f in files:
-            if f.exists():
-                for line in f.read_text().splitlines():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        pass
-        if not rows:
-            continue
-        df = pd.DataFrame(rows)
-        df["run"] = folder.name
-        df["state"] = run_state(folder)
-        df["test_env"] = ",".join(cfg.test_envs) or "#0"
-        for c in CONFIG_COLUMNS:
-            df[c] = getattr(cfg, c)
-        frames.append(df)
-    # rows of operations on several runs: size trends and soups
-    for f in sorted(Path(root).glob("_trends/*/rows.jsonl")) + sorted(Path(root).glob("_soups/*/rows.jsonl")):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        state, columns = run_state(folder), _config_columns(cfg)
+        rows = read_jsonl(folder / "results.jsonl") if (folder / "results.jsonl").exists() else []
         if rows:
-            extra = pd.DataFrame(rows)
-            first = next((fr for fr in frames if fr["run"].iloc[0] == extra["run"].iloc[0]), None)
-            ref = first if first is not None else (frames[0] if frames else None)
-            if ref is not None:  # config columns of a member run (dataset, backbone, seed)
-                for c in ("dataset", "backbone", "test_env", "seed"):
-                    extra[c] = ref[c].iloc[0]
-            extra["state"] = "done"
-            frames.append(extra)
+            df = pd.DataFrame(rows)
+            df["run"] = folder.name
+            for c, v in columns.items():
+                df[c] = [v] * len(df) if isinstance(v, tuple) else v
+            df["state"] = state
+            frames.append(df)
+        if analyses:
+            for child in sorted((folder / "analyses").glob("*/rows.jsonl")):
+                df = _child_frame(child.parent, folder, columns)
+                if df is not None:
+                    df["state"] = state
+                    frames.append(df)
     if not frames:
         return pd.DataFrame()
     out = pd.concat(frames, ignore_index=True)
@@ -89,26 +119,6 @@ def selected_accuracy(df: pd.DataFrame, selection: str = "train_val") -> pd.Data
     return out
 
 
-def mean_se(values: pd.Series) -> str:
-    v = values.dropna().to_numpy() * 100
-    if len(v) == 0:
-        return "-"
-    se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
-    return f"{v.mean():.1f} ± {se:.1f}" if len(v) > 1 else f"{v.mean():.1f}"
-
-
-def domainbed_table(acc: pd.DataFrame, column: str = "ood_acc") -> pd.DataFrame:
-    """Methods x test domains (+ Avg), cells "mean ± s.e." over seeds (percent), per dataset."""
-    tables = []
-    for dataset, part in acc.groupby("dataset"):
-        t = part.pivot_table(index="method", columns="test_env", values=column, aggfunc=mean_se)
-        per_seed = part.groupby(["method", "seed", "trial_seed"])[column].mean().reset_index()
-        t["Avg"] = per_seed.groupby("method")[column].apply(mean_se)
-        t.insert(0, "dataset", dataset)
-        tables.append(t.reset_index())
-    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-
-
 def to_markdown(table: pd.DataFrame) -> str:
     cols = list(table.columns)
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
@@ -116,57 +126,85 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-SUMMARY_METRICS = {
-    "distance": ("relative", "distance", "delta_cosine"),
-    "interp": ("loss_barrier", "error_barrier"),
-    "linearity": ("rel_err_l2", "agreement", "halving_ratio_l2", "acc_gap"),
-    "ntk": ("kernel_distance",),
-    "identity": ("midpoint_gap_rel", "loss_barrier"),
-}
+def _run_labels(df: pd.DataFrame) -> dict[str, str]:
+    """run id -> "mode p=..", from the runs' own rows (not those of analyses of several runs)."""
+    own = df[df["analysis"].isna()] if "analysis" in df else df
+    own = own if not own.empty else df
+    sizes = own["n_per_domain"].nunique() > 1
+    return {r: f"{m} p={p:g}" + (f" n={n}" if sizes else "")
+            for r, m, p, n in own.drop_duplicates("run")[["run", "mode", "p", "n_per_domain"]].itertuples(index=False)
+            if isinstance(m, str)}
 
 
 def analysis_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Headline numbers of the linearity analyses: pooled over domains (i.i.d. = training domains'
-    held-out split, o.o.d. = test domains), totals for distances, t = 1 for Taylor fidelity."""
+    """Headline numbers of the registered analyses (each declares its ``summary`` metrics and which
+    rows are headline ones: by default pooled over domains -- i.i.d. = training domains' held-out
+    split, o.o.d. = test domains --, totals for distances, t = 1 for Taylor fidelity). ``variant``
+    names what the analysis's ``label`` fields say (barrier definition, kernel form, soup model)."""
+    from linft.analysis.registry import analyses
     if "kind" not in df:
         return pd.DataFrame()
-    labels = {r: f"{m} p={p:g}" + (f" n={n}" if df["n_per_domain"].nunique() > 1 else "")
-              for r, m, p, n in df.drop_duplicates("run")[["run", "mode", "p", "n_per_domain"]].itertuples(index=False)}
-    keep = pd.Series(False, index=df.index)
-    for kind, metrics in SUMMARY_METRICS.items():
-        keep |= (df["kind"] == kind) & df["metric"].isin(metrics)
-    part = df[keep].copy()
-    for col in ("env", "level", "t", "definition", "endpoint_a", "endpoint_b", "role"):
+    labels = _run_labels(df)
+    parts = []
+    for a in analyses():
+        if not a.summary:
+            continue
+        part = df[(df["kind"] == a.kind) & df["metric"].isin(a.summary)].dropna(axis=1, how="all")
+        if part.empty:
+            continue
+        records = [{k: v for k, v in r.items() if not (isinstance(v, float) and np.isnan(v))}
+                   for r in part.to_dict("records")]
+        keep = [a.is_headline(r) for r in records]
+        part = part[keep].copy()
+        if part.empty:
+            continue
+        variant = [" ".join(str(r[k]) if k == "definition" else f"{k}={r[k]}" for k in a.label if k in r)
+                   for r, k_ in zip(records, keep) if k_]
+        part["variant"] = variant
+        parts.append(part)
+    if not parts:
+        return pd.DataFrame()
+    part = pd.concat(parts, ignore_index=True)
+    for col in ("endpoint_a", "endpoint_b", "role", "member_runs"):
         if col not in part:
             part[col] = None
-    part = part[(part["env"].isna() | (part["env"] == "pooled")) & (part["level"].isna() | (part["level"] == "total"))
-                & (part["t"].isna() | (part["t"] == 1.0))]
-    if part.empty:
-        return pd.DataFrame()
 
     def name(ep):
         kind, _, run = str(ep).partition(":")
         return labels.get(run, run) if run else str(ep)
 
-    part["runs"] = [f"{name(a)} -> {name(b)}" if isinstance(a, str) and isinstance(b, str) else labels.get(r, r)
-                    for a, b, r in zip(part["endpoint_a"], part["endpoint_b"], part["run"])]
+    def runs(a, b, r, members):
+        if isinstance(a, str) and isinstance(b, str):
+            return f"{name(a)} -> {name(b)}"
+        if isinstance(members, str) and "," in members:
+            return " + ".join(labels.get(m, m) for m in members.split(","))
+        return labels.get(r, r)
+
+    part["runs"] = [runs(*x) for x in zip(part["endpoint_a"], part["endpoint_b"], part["run"], part["member_runs"])]
     part["data"] = part["role"].map({"train": "i.i.d.", "test": "o.o.d."}).fillna("-")
-    part["definition"] = part["definition"].fillna("")
-    table = part.pivot_table(index=["kind", "runs", "metric", "definition"], columns="data", values="value",
+    table = part.pivot_table(index=["kind", "runs", "metric", "variant"], columns="data", values="value",
                              aggfunc="mean").reset_index()
     return table.round(4)
 
 
-def hparam_clouds(acc: pd.DataFrame, max_points: int = 20_000, seed: int = 0) -> pd.DataFrame:
+def analysis_notes(kinds=None) -> list[str]:
+    """What each registered analysis's summary rows mean (the report's text); ``kinds``: only these."""
+    from linft.analysis.registry import analyses
+    return [a.doc or f"{a.kind}: {a.help}." for a in analyses() if a.summary and (kinds is None or a.kind in set(kinds))]
+
+
+def hparam_clouds(acc: pd.DataFrame, max_points: int = 20_000, seed: int = 0,
+                  settings: tuple[str, ...] = ("lr", "weight_decay")) -> pd.DataFrame:
     """[ZB]'s clouds: hyperparameters are not selected; every way of choosing one (lr, weight decay)
     setting per test domain gives one point (i.i.d. and o.o.d. accuracy averaged over the test
-    domains, each setting first averaged over seeds). (2 x 3)^4 = 1296 points per method on a
+    domains, each setting first averaged over seeds; ``settings``: the columns that make a
+    setting). (2 x 3)^4 = 1296 points per method on a
     4-domain dataset; beyond ``max_points`` combinations a seeded random subset is drawn."""
     import itertools
     out = []
     rng = np.random.default_rng(seed)
     for (dataset, method), part in acc.groupby(["dataset", "method"]):
-        cell = part.groupby(["test_env", "lr", "weight_decay"])[["iid_acc", "ood_acc"]].mean()
+        cell = part.groupby(["test_env", *settings])[["iid_acc", "ood_acc"]].mean()
         envs = sorted(cell.index.get_level_values(0).unique())
         options = [cell.loc[e].to_numpy() for e in envs]  # per env: [settings, 2]
         total = int(np.prod([len(o) for o in options]))

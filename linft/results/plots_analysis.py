@@ -1,4 +1,5 @@
-"""Figures of the linearity analyses (linft.analysis.loading), each a function of the tidy frame."""
+"""Figures of the analyses (:mod:`linft.analysis.registry`), each a function of the tidy frame; an
+analysis names its figure (a function here, or its own callable) and :func:`make_all` draws them all."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,9 @@ from linft.results.plots import save
 
 
 def _label(df: pd.DataFrame) -> dict[str, str]:
-    runs = df.drop_duplicates("run").set_index("run")
-    return {r: f"{row['mode']} p={row['p']:g}" for r, row in runs.iterrows()}
+    own = df[df["analysis"].isna()] if "analysis" in df else df
+    runs = (own if not own.empty else df).drop_duplicates("run").set_index("run")
+    return {r: f"{row['mode']} p={row['p']:g}" for r, row in runs.iterrows() if isinstance(row["mode"], str)}
 
 
 def _endpoint(name, labels) -> str:
@@ -72,6 +74,8 @@ def trend(df: pd.DataFrame, out_dir, name: str = "size_trend") -> list[Path]:
     keep = ["distance_relative", "linearity_rel_err_l2", "linearity_agreement", "ntk_kernel_distance"]
     rows = rows[rows["metric"].isin(keep) & (rows.get("role", "train").fillna("train") == "train")]
     rows["method"] = [f"{m} p={p:g}" for m, p in zip(rows["mode"], rows["p"])]
+    if "form" in rows:  # the kernel distance's form (trace or full kernel: not comparable numbers)
+        rows["metric"] = [f"{m} ({f} form)" if isinstance(f, str) else m for m, f in zip(rows["metric"], rows["form"])]
     g = sns.relplot(data=rows, x="n", y="value", hue="method", col="metric", col_wrap=2, kind="line", marker="o",
                     height=3, aspect=1.2, facet_kws={"sharey": False})
     g.set(xscale="log")
@@ -79,7 +83,13 @@ def trend(df: pd.DataFrame, out_dir, name: str = "size_trend") -> list[Path]:
 
 
 def make_all(df: pd.DataFrame, out_dir) -> list[Path]:
+    """Every registered analysis's figure (a name of a function of this module, or a callable
+    ``(df, out_dir) -> files``)."""
+    from linft.analysis.registry import analyses
     paths: list[Path] = []
-    for fig in (interpolation_curves, taylor_fidelity, trend):
-        paths += fig(df, out_dir)
+    for a in analyses():
+        if a.figure is None:
+            continue
+        fig = globals()[a.figure] if isinstance(a.figure, str) else a.figure
+        paths += list(fig(df, out_dir))
     return paths

@@ -1,4 +1,4 @@
-"""Run configuration: a frozen dataclass whose defaults are the paper's protocol (PAPER.md).
+"""Run configuration: a frozen dataclass whose defaults are the paper's protocol ([ZB] Sec. 4).
 
 The run id is ``<prefix>-<sha256[:12]>`` of the *semantic* fields that differ from their defaults,
 so adding a new defaulted field keeps every old id, and paths, device, workers and logging cadence
@@ -121,6 +121,7 @@ class RunConfig:
             v = getattr(self, f.name)
             if isinstance(v, list):
                 object.__setattr__(self, f.name, tuple(v))
+        _canonicalise(self)
         _fill_weights_sha256(self)
         _validate(self)
 
@@ -147,6 +148,12 @@ class RunConfig:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
     def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with ``changes``.  Changing ``dataset`` without giving ``test_envs`` keeps the
+        *default* test env (the new dataset's first) if this config had its dataset's default."""
+        if "dataset" in changes and "test_envs" not in changes and changes["dataset"] != self.dataset:
+            names = environment_names(self.dataset)
+            if names is not None and self.test_envs == names[:1]:
+                changes["test_envs"] = ()
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -170,6 +177,59 @@ class RunConfig:
         return cls.from_dict(data)
 
 
+# Environment names per dataset in the datasets' order (DomainBed's ENVIRONMENTS), known without
+# building a dataset: the image-folder specs, and the MNIST-derived sets' fixed names.
+MEMORY_ENVIRONMENTS: dict[str, tuple[str, ...]] = {
+    "RotatedMNIST": ("0", "15", "30", "45", "60", "75"),
+    "ColoredMNIST": ("+90%", "+80%", "-90%"),
+    "Digits": ("mnist", "optdigits"),
+}
+
+
+def environment_names(dataset: str) -> tuple[str, ...] | None:
+    """The dataset's environment names in order, or None for a dataset linft does not know."""
+    from linft.data.datasets import FOLDER_DATASETS
+    if dataset in FOLDER_DATASETS:
+        return tuple(FOLDER_DATASETS[dataset].environments)
+    return MEMORY_ENVIRONMENTS.get(dataset)
+
+
+def resolve_test_envs(dataset: str, given) -> tuple[str, ...]:
+    """Canonical test envs: environment NAMES in the dataset's order, without repeats.
+
+    Each item may be a name, ``"#i"`` or an integer ``i`` (DomainBed's ``--test_envs i``; a digit
+    string counts as an index unless it is itself a name, as RotatedMNIST's "15"); empty items
+    are dropped, and none at all means the dataset's first environment (DomainBed's default
+    ``test_envs=[0]``).  A dataset linft does not know keeps its items as given."""
+    items = [e for e in given if str(e).strip() != ""]
+    names = environment_names(dataset)
+    if names is None:
+        return tuple(str(e) for e in items)
+    out = set()
+    for e in items:
+        s = str(e).strip()
+        if s in names and not isinstance(e, int):
+            out.add(s)
+            continue
+        idx = s[1:] if s.startswith("#") else s
+        if idx.isdigit() and int(idx) < len(names):
+            out.add(names[int(idx)])
+            continue
+        raise ConfigError(f"unknown test environment {e!r} for {dataset}; give a name of {list(names)}, "
+                          f"an index 0-{len(names) - 1} or '#<index>'")
+    return tuple(n for n in names if n in out) if out else names[:1]
+
+
+def _canonicalise(c: "RunConfig") -> None:
+    """One identity per run, settled before anything hashes it: the backbone alias becomes its
+    full registry name and the test envs become environment names (see resolve_test_envs), so
+    ``efficientnet_lite0`` / ``efficientnet_lite0.in1k`` and ``()`` / ``0`` / ``"#0"`` / ``"A"``
+    give the same run id and ``config.json`` records the resolved values."""
+    from linft.models.backbones import ALIASES
+    object.__setattr__(c, "backbone", ALIASES.get(c.backbone, c.backbone))
+    object.__setattr__(c, "test_envs", resolve_test_envs(c.dataset, c.test_envs))
+
+
 def _coerce(name: str, typ: Any, v: Any) -> Any:
     t = str(typ)
     try:
@@ -189,16 +249,17 @@ def _coerce(name: str, typ: Any, v: Any) -> Any:
 
 
 def _validate(c: RunConfig) -> None:
-    from linft.core.heads import HEAD_INITS, check_dropout_rate  # torch: not needed to build the CLI
-    from linft.runs.modes import get_mode
-
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
+    # imported here, not at the top: building the command line's help must not import torch
+    from linft.core.heads import HEAD_INITS, check_dropout_rate
+    from linft.data.loaders import require_compatible
+    from linft.runs.modes import get_mode
     mode = get_mode(c.mode)
     check_dropout_rate(c.p)
     need(c.head_init in HEAD_INIT_CHOICES, f"head_init must be one of {HEAD_INIT_CHOICES}, got {c.head_init!r}")
-    need(c.lin_engine in LIN_ENGINES, f"lin_engine must be 'jvp' or 'onepass', got {c.lin_engine!r}")
+    need(c.lin_engine in ("jvp", "onepass"), f"lin_engine must be 'jvp' or 'onepass', got {c.lin_engine!r}")
     need(c.bn in BN_POLICIES, f"bn must be one of {BN_POLICIES}, got {c.bn!r}")
     need(c.k >= 0, f"k must be >= 0, got {c.k}")
     need(c.lr > 0 and c.weight_decay >= 0 and 0 <= c.momentum < 1, "need lr > 0, weight_decay >= 0, 0 <= momentum < 1")
@@ -209,9 +270,7 @@ def _validate(c: RunConfig) -> None:
          "n_per_domain, dataset_limit and resolution must be >= 0")
     need(all(0 < s for s in c.lr_decay_steps), "lr_decay_steps must be positive steps")
     need(c.last_layer_lr_mult > 0, "last_layer_lr_mult must be > 0")
-    need(not (c.augment and c.feature_cache),
-         "augmentation and the feature cache exclude each other: the cache stores un-augmented trunk "
-         "features; set augment=false to use feature_cache=true")
+    require_compatible(c.augment, c.feature_cache)  # one rule, stated where the loaders enforce it
     need(not (c.feature_cache and mode.trunk_trains),
          f"mode {c.mode!r} trains the trunk, so it cannot read cached trunk features")
     need(not (mode.head_is_trainable and c.head_init == "probe"), f"mode {c.mode!r} already trains the head alone")

@@ -30,7 +30,14 @@ SCHEMA: dict[str, str] = {
     "endpoint_b": "path end: 'ft:<run id>'",
     "bn_policy": "BatchNorm policy of an interpolation or linearization (frozen: pre-trained statistics)",
     "definition": "which variant of a measurement (e.g. posthoc | trained; line | mean barriers; trace | full kernel)",
-    "members": "soups/ensembles: number of member runs",
+    "members": "soups/ensembles: number of member runs the model combines",
+    "member_runs": "soups: the member run ids",
+    "combine": "soups/ensembles: mean_weights (a soup) | mean_logits (an output ensemble; [ZB] sums logits: "
+               "same accuracy, different loss)",
+    "form": "ntk rows: trace ([N, N], the trace over classes) | full ([N, C, N, C]); the two kernel distances "
+            "differ by orders of magnitude on the same run",
+    "source": "trend rows: the analysis folder id the number was read from",
+    "n": "trend rows: training examples per domain of the member run",
 }
 
 

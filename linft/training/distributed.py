@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
 
+from linft.core.heads import dropout_mask
 from linft.runs.config import RunConfig
 from linft.errors import ConfigError
 from linft.training.evaluate import channels_last, predict
@@ -87,7 +88,7 @@ class _GlobalDropout(TorchFunctionMode):
             if x.shape[0] != len(self.rows):
                 raise RuntimeError(f"dropout on a tensor of {x.shape[0]} rows, but this rank holds "
                                    f"{len(self.rows)} examples: per-example masks cannot be matched")
-            mask = F.dropout(torch.ones((self.n, *x.shape[1:]), dtype=x.dtype, device=x.device), p, True)
+            mask = dropout_mask((self.n, *x.shape[1:]), p, dtype=x.dtype, device=x.device)
             mask = mask[self.rows.to(x.device)]
             return x.mul_(mask) if inplace else x * mask
         if func in _OTHER_DROPOUTS and kwargs.get("training", args[2] if len(args) > 2 else True):

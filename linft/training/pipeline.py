@@ -56,7 +56,7 @@ def build_pipeline(cfg: RunConfig, num_classes: int, device: torch.device) -> Pi
     mode = get_mode(cfg.mode)
     name = cfg.backbone.split(".")[0] + ".random" if mode.random_weights else cfg.backbone
     model, spec = build_backbone(name, None if mode.random_weights or not cfg.weights_file else cfg.weights_file)
-    sp = split_network(model, cfg.k, num_classes, p=cfg.p)
+    sp = split_network(model, cfg.k, num_classes, p=cfg.p, family=spec.family)
     for part in (sp.trunk, sp.tail, sp.head):
         freeze_batchnorm(part)
     pre, post, trainable = mode.parts(sp, spec, cfg, num_classes)

@@ -8,7 +8,7 @@ import torch
 
 from linft.runs.config import RunConfig
 from linft.data.datasets import get_dataset
-from linft.data.loaders import eval_loaders, shard_loaders, train_loaders
+from linft.data.loaders import eval_loaders, shard_loaders, train_loaders, zip_minibatches
 from linft.data.splits import derive_seed, make_splits
 from linft.data.transforms import transforms_for
 
@@ -94,9 +94,7 @@ class RunData:
                                     start_step=start)
         if self.shard is not None and stream == "train":  # one rank of several: its share
             loaders = shard_loaders(loaders, *self.shard)
-        iters = [iter(loader) for loader in loaders]
-        while True:
-            yield [next(it) for it in iters]
+        yield from zip_minibatches(loaders)
 
     def train_index_batches(self, start: int, stream: str = "train") -> Iterator[list[torch.Tensor]]:
         """The examples of :meth:`train_batches` without loading them: per step, one int64 tensor of
