@@ -98,7 +98,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         if doc.type == "bool":
             g.add_argument(flag, dest=dest, action=_BoolFlag, default=None, help=_help(doc, None))
             continue
-        metavar = {"int": "INT", "float": "FLOAT", "str": "STR"}.get(doc.type, "A,B,...")
+        metavar = doc.metavar or {"int": "INT", "float": "FLOAT", "str": "STR"}.get(doc.type, "A,B,...")
         if choices is not None:
             metavar = "{" + ",".join(choices) + "}" if not callable(doc.choices) else "MODE"
         g.add_argument(flag, dest=dest, default=None, metavar=metavar, choices=choices, help=_help(doc, choices))

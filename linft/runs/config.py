@@ -22,11 +22,13 @@ LOADERS = ("pil", "device")
 LIN_ENGINES = ("jvp", "onepass")
 
 
-def _doc(help: str, choices=None, semantic: bool = True, unit: str = "") -> dict:
+def _doc(help: str, choices=None, semantic: bool = True, unit: str = "", metavar: str = "") -> dict:
     """Field metadata: the one place a field's meaning is written (``linft train --help`` shows it)."""
     md: dict[str, Any] = {"help": help + (f" [{unit}]" if unit else "")}
     if choices is not None:
         md["choices"] = choices
+    if metavar:
+        md["metavar"] = metavar
     if not semantic:
         md["semantic"] = False
     return md
@@ -90,9 +92,10 @@ class RunConfig:
     weights_sha256: str = field(default="", metadata=_doc(
         "sha256 of weights_file (filled in from the file; the run id hashes it, never the path)"))
     # -- not semantic: never part of the run id ------------------------------------------------
-    data_root: str = field(default="", metadata=_doc("dataset folder (DomainBed's --data_dir)", semantic=False))
+    data_root: str = field(default="", metadata=_doc("dataset folder (DomainBed's --data_dir)", semantic=False,
+                                                     metavar="DIR"))
     cache_dir: str = field(default="", metadata=_doc(
-        "derived data (feature caches, uint8 stores); empty: <data_root>/.linft_cache", semantic=False))
+        "derived data (feature caches, uint8 stores); empty: <data_root>/.linft_cache", semantic=False, metavar="DIR"))
     device: str = field(default="auto", metadata=_doc("auto (cuda if available), cpu, cuda, cuda:1 ...",
                                                       semantic=False))
     workers: int = field(default=0, metadata=_doc("data-loader worker processes", semantic=False))
@@ -108,12 +111,12 @@ class RunConfig:
         "costs ~4/3 instead of 5/3 of a standard one; memory grows with the data set)", semantic=False))
     weights_file: str = field(default="", metadata=_doc(
         "your own weights for the backbone's architecture (a state dict read with torch.load(weights_only=True)); "
-        "empty: the registry's file", semantic=False))
+        "empty: the registry's file", semantic=False, metavar="PATH"))
     tensorboard: str = field(default="", metadata=_doc(
         "mirror every row to TensorBoard event files in DIR/<run id> (needs the tensorboard package)",
-        semantic=False))
+        semantic=False, metavar="DIR"))
     keep_checkpoint: bool = field(default=False, metadata=_doc(
-        "keep checkpoint.pt (optimizer, average, ensemble) after the run is done; default: only final.pt stays",
+        "keep checkpoint.pt (optimizer, average, ensemble) after the run is done (else only final.pt stays)",
         semantic=False))
 
     def __post_init__(self) -> None:
@@ -326,10 +329,11 @@ class FieldDoc:
     help: str
     semantic: bool
     choices: Any       # a tuple, a callable returning one (resolved lazily), or None
+    metavar: str = ""  # the flag's placeholder in --help (default: from the type)
 
 
 def field_docs() -> list[FieldDoc]:
     """Every RunConfig field with its meaning, default, choices and whether it enters the run id
     (``linft train --help`` is built from this; nothing here imports torch)."""
     return [FieldDoc(f.name, str(f.type), f.default, f.metadata.get("help", ""), f.metadata.get("semantic", True),
-                     f.metadata.get("choices")) for f in fields(RunConfig)]
+                     f.metadata.get("choices"), f.metadata.get("metavar", "")) for f in fields(RunConfig)]
