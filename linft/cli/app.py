@@ -19,9 +19,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # timm/torchvision import-time deprecation noise is not the user's business
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    try:
+    try:  # the parser imports the command modules (torch among them): Ctrl-C there is one line too
+        parser = _build_parser()
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except LinftError as e:
         print(f"linft: error: {e}", file=sys.stderr)
