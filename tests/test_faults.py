@@ -113,6 +113,28 @@ def test_second_process_is_refused_naming_the_holder_and_a_killed_holder_release
     assert comparable(rd.read_rows()) == reference
 
 
+@pytest.mark.slow
+def test_two_linft_train_on_one_config_train_it_once(data_root, tmp_path):
+    cfg = tiny(data_root, steps=60, eval_every=20, lr_decay_steps=(40,))
+    cmd = [sys.executable, "-m", "linft.cli", "train", "--root", str(tmp_path), "--data-root", str(data_root),
+           "--dataset", "PACS", "--backbone", "tiny_resnet", "--k", "2", "--resolution", "16", "--mode", "tail",
+           "--steps", "60", "--eval-every", "20", "--traj-start", "1", "--lr-decay-steps", "40",
+           "--batch-size", "4", "--lr", "0.05", "--quiet", "true"]
+    rd = RunDir(tmp_path, cfg)
+    first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while lock_holder(rd.path) is None and first.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    second = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    first.wait(timeout=300)
+    assert first.returncode == 0, first.stderr.read()
+    if second.returncode != 0:  # it ran while the first held the run (else the first had finished)
+        err = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(err) == 1 and f"pid {first.pid}" in err[0], second.stderr
+    rows = [json.dumps({k: v for k, v in r.items() if k != "value"}, sort_keys=True) for r in rd.read_rows()]
+    assert rd.done and len(rows) == len(set(rows))
+
+
 def test_sweeps_skip_a_locked_run_and_report_it_running(data_root, tmp_path):
     from linft.sweeps.grid import Experiment, delete_incomplete, launch, status
     from linft.sweeps.slurm import SlurmOptions, TrainRun, launch_slurm
