@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from linft.cli.app import main
+from linft.cli.app import INTERRUPTED, main
 from linft.data.synthetic import make_image_tree
 from linft.errors import ConfigError, LinftError
 from linft.runs.config import RunConfig
@@ -327,6 +327,23 @@ def test_ctrl_c_while_the_cli_starts_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(commands, "register_all", interrupted_imports)
     assert main(["train", "--help"]) == 130
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+    def broken_by_the_interrupt(sub):  # Ctrl-C mid-import leaves numpy half-imported: a RecursionError later
+        os.kill(os.getpid(), signal.SIGINT)
+        raise RecursionError("maximum recursion depth exceeded")
+    monkeypatch.setattr(commands, "register_all", broken_by_the_interrupt)
+    assert main(["train"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [INTERRUPTED]
+
+    ran = []
+
+    def imports_then_ctrl_c(sub):  # the Ctrl-C is held until the imports are done, then the command never runs
+        os.kill(os.getpid(), signal.SIGINT)
+        sub.add_parser("noop").set_defaults(func=lambda args: ran.append(1))
+    monkeypatch.setattr(commands, "register_all", imports_then_ctrl_c)
+    assert main(["noop"]) == 130 and not ran
+    assert capsys.readouterr().err.strip().splitlines() == [INTERRUPTED]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     # `import linft` (before main can catch anything) imports no torch
     out = subprocess.run([sys.executable, "-c", "import sys, linft.cli; print('torch' in sys.modules)"],
                          env=ENV, capture_output=True, text=True, check=True).stdout
@@ -336,7 +353,7 @@ def test_ctrl_c_while_the_cli_starts_is_one_line(monkeypatch, capsys):
 @pytest.mark.slow
 def test_sigint_during_start_up_prints_no_traceback(tmp_path):
     cmd = [sys.executable, "-m", "linft.cli", "train", "--root", str(tmp_path), "--data-root", str(tmp_path / "none")]
-    for delay in (0.15, 0.4, 0.8):
+    for delay in (0.15, 0.3, 0.45, 0.6, 0.8, 1.0):
         proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
