@@ -5,6 +5,7 @@ needs when it runs (``linft --help`` answers in well under a second)."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 
@@ -31,21 +32,58 @@ def _build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = "linft: interrupted; finished results are kept and the run resumes when launched again."
+
+
+class _Interrupts:
+    """SIGINT handler. While the command line starts (building the parser imports torch,
+    torchvision, pandas...) a Ctrl-C is only noted and acted on once the imports are done: an
+    import cut half-way leaves a module broken that fails later with an unrelated error (e.g. a
+    RecursionError inside numpy). Afterwards it raises KeyboardInterrupt as usual, and any error
+    that follows a Ctrl-C is reported as the interruption, in one line."""
+
+    def __init__(self) -> None:
+        self.seen, self.defer = False, True
+
+    def __call__(self, signum, frame) -> None:
+        self.seen = True
+        if not self.defer:
+            raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     # timm/torchvision import-time deprecation noise is not the user's business
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _build_parser(argv)
-    args = parser.parse_args(argv)
+    intr, restore = _Interrupts(), False
     try:
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is not signal.SIG_IGN:  # keep ignoring where the caller ignores it
+            signal.signal(signal.SIGINT, intr)
+            restore = True
+    except ValueError:  # not the main thread: signals are not ours to handle
+        pass
+    try:
+        parser = _build_parser(argv)
+        args = parser.parse_args(argv)
+        intr.defer = False
+        if intr.seen:
+            raise KeyboardInterrupt
         return int(args.func(args) or 0)
-    except LinftError as e:
-        print(f"linft: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("linft: interrupted; finished results are kept and the run resumes when launched again.",
-              file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
+    except Exception as e:
+        if intr.seen:  # an error caused by the interruption (a half-done import, a closed pipe...)
+            print(INTERRUPTED, file=sys.stderr)
+            return 130
+        if isinstance(e, LinftError):
+            print(f"linft: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        if restore:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ Determinism: the batch sampler draws example indices *and* one augmentation seed
 numpy generators seeded by (seed, domain); each example's transform then runs under
 ``torch.random.fork_rng`` seeded with its own seed. The stream is therefore the same with 0 or N
 workers and is unaffected by whatever else uses torch's global generator (model init, dropout).
+
+A loader worker that fails on one example (a corrupt image) re-raises in the main process with the
+worker's whole traceback in the message; :class:`Loader` turns such a linft error back into its one
+line (``cannot read image <path>: ...``), as with ``workers=0``.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from linft.data.splits import EnvSplit, derive_seed
-from linft.errors import ConfigError
+from linft.errors import ConfigError, LinftError
 
 AUGMENT_VS_CACHE = ("augmentation and a feature cache exclude each other: cached trunk features are "
                     "computed once without augmentation; turn augmentation off or do not use the cache")
@@ -24,6 +28,37 @@ def require_compatible(augment: bool, feature_cache: bool) -> None:
     """Raise ConfigError when both augmentation and a feature cache are requested."""
     if augment and feature_cache:
         raise ConfigError(AUGMENT_VS_CACHE)
+
+
+def _one_line(err: LinftError) -> LinftError:
+    """A linft error re-raised from a DataLoader worker ("Caught X in DataLoader worker process N.
+    Original Traceback ...") -> the same error with the original one-line message."""
+    text = str(err)
+    if "in DataLoader worker process" not in text:
+        return err
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+    last = last[len(prefix):] if last.startswith(prefix) else last.split(": ", 1)[-1]
+    return type(err)(last)
+
+
+def _guarded(iterator):
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except LinftError as e:
+            raise _one_line(e) from None
+        yield batch
+
+
+class Loader(DataLoader):
+    """A DataLoader whose workers' linft errors (a corrupt image) arrive as their one line."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        return it if self.num_workers == 0 else _guarded(it)
 
 
 class EnvDataset(Dataset):
@@ -101,7 +136,7 @@ class InfiniteLoader:
         self.env_name = env.name
         self.sampler = InfiniteBatchSampler(indices, batch_size, seed, replacement, start)
         # Own generator: creating an iterator must not draw from torch's global RNG (dropout masks).
-        self.loader = DataLoader(EnvDataset(env, transform), batch_sampler=self.sampler,
+        self.loader = Loader(EnvDataset(env, transform), batch_sampler=self.sampler,
                                  num_workers=num_workers, persistent_workers=False,
                                  generator=torch.Generator().manual_seed(seed))
 
@@ -174,7 +209,7 @@ def eval_loaders(data, splits: list[EnvSplit], transform=None, *, batch_size: in
             if len(idx) and getattr(env, "is_feature_cache", False) and transform is None and num_workers == 0:
                 out[(s.env, split)] = CachedSplit(env, idx, batch_size)
             elif len(idx):
-                out[(s.env, split)] = DataLoader(torch.utils.data.Subset(ds, idx.tolist()),
+                out[(s.env, split)] = Loader(torch.utils.data.Subset(ds, idx.tolist()),
                                                  batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                                  generator=torch.Generator().manual_seed(0))
     return out
@@ -208,6 +243,6 @@ def shard_loaders(loaders: list, rank: int, world_size: int) -> list:
         old = ld.loader
         if ld.sampler.batch_size < world_size:
             raise ConfigError(f"batch_size {ld.sampler.batch_size} is smaller than the {world_size} processes")
-        ld.loader = DataLoader(old.dataset, batch_sampler=_ShardedBatchSampler(ld.sampler, rank, world_size),
+        ld.loader = Loader(old.dataset, batch_sampler=_ShardedBatchSampler(ld.sampler, rank, world_size),
                                num_workers=old.num_workers, persistent_workers=False, generator=old.generator)
     return loaders

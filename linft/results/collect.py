@@ -69,10 +69,10 @@ def load_rows(root: str | Path, analyses: bool = True) -> pd.DataFrame:
     analyses/*/rows.jsonl -- analyses, size trends, soups -- when ``analyses``), with the run's
     config fields as columns and ``state`` (done/failed/running). Rows of an analysis of several
     runs get the config of the run they live under, except the fields the members differ in."""
-    from linft.runs.store import read_jsonl, run_state
+    from linft.runs.store import read_jsonl, read_run_config, run_state
     frames = []
     for folder in run_folders(root):
-        cfg = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+        cfg = read_run_config(folder)  # refuses a config.json edited by hand (its run id is not the folder's)
         state, columns = run_state(folder), _config_columns(cfg)
         rows = read_jsonl(folder / "results.jsonl") if (folder / "results.jsonl").exists() else []
         if rows:

@@ -260,6 +260,12 @@ def _validate(c: RunConfig) -> None:
     from linft.data.loaders import require_compatible
     from linft.runs.modes import get_mode
     mode = get_mode(c.mode)
+    import math
+    for f in fields(c):  # every float: a number, finite (NaN passes every "<" check below unnoticed)
+        v = getattr(c, f.name)
+        if f.type == "float":
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                 f"{f.name} must be a finite number, got {v!r}")
     check_dropout_rate(c.p)
     need(c.head_init in HEAD_INIT_CHOICES, f"head_init must be one of {HEAD_INIT_CHOICES}, got {c.head_init!r}")
     need(c.lin_engine in ("jvp", "onepass"), f"lin_engine must be 'jvp' or 'onepass', got {c.lin_engine!r}")
@@ -272,6 +278,9 @@ def _validate(c: RunConfig) -> None:
     need(c.n_per_domain >= 0 and c.resolution >= 0 and c.dataset_limit >= 0,
          "n_per_domain, dataset_limit and resolution must be >= 0")
     need(all(0 < s for s in c.lr_decay_steps), "lr_decay_steps must be positive steps")
+    # a decay multiplies lr at each decay step: 1 keeps it; 0 would freeze training for the rest of
+    # the run, a negative factor turns descent into ascent, > 1 is a warm-up, not a decay
+    need(0 < c.lr_decay <= 1, f"lr_decay must lie in (0, 1] (1: no decay), got {c.lr_decay}")
     need(c.last_layer_lr_mult > 0, "last_layer_lr_mult must be > 0")
     require_compatible(c.augment, c.feature_cache)  # one rule, stated where the loaders enforce it
     need(not (c.feature_cache and mode.trunk_trains),

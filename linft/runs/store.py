@@ -9,12 +9,25 @@ One policy for a torn file: rows are appended and fsynced line by line, so a kil
 *last* line incomplete (no trailing newline); readers drop such a tail, and a run resumes from its
 checkpoint, rewriting its rows up to the checkpoint's step. Any other unreadable line is damage, not
 a kill: it is one :class:`~linft.errors.LinftError` naming file and line, never silently skipped.
+A run that starts without a checkpoint starts from scratch: its ``results.jsonl`` is replaced by the
+step-0 rows, whatever an earlier attempt left there.
+
+One process at a time trains a run: it holds ``fcntl.flock`` on ``<run>/lock`` (:class:`RunLock`,
+the file names the holder's pid, host and start time). The kernel drops the lock when its process
+dies, however it dies, so a requeued or relaunched job takes over the run of a killed predecessor.
+
+A write that fails (disk full, read-only folder) is one :class:`StoreWriteError` naming the file.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -25,6 +38,29 @@ from linft.runs.rows import clean
 from linft.errors import LinftError
 
 
+class StoreWriteError(LinftError):
+    """A run-store file that cannot be written (disk full, read-only folder, no permission)."""
+
+
+class RunLocked(LinftError):
+    """Another process is training this run (it holds ``<run>/lock``)."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """OSError while writing ``path`` -> one StoreWriteError naming it (never a traceback)."""
+    try:
+        yield
+    except OSError as e:
+        why = e.strerror or str(e)
+        hint = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some quota",
+                errno.EROFS: "the file system is read-only; choose another --root",
+                errno.EACCES: "no permission; choose another --root",
+                errno.EPERM: "no permission; choose another --root"}.get(e.errno, "")
+        raise StoreWriteError(f"cannot write {path}: {why}" + (f" ({hint})" if hint else "") +
+                              "; a run resumes from its last checkpoint when launched again") from None
+
+
 def _umask_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -32,18 +68,19 @@ def _umask_mode() -> int:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.fchmod(fd, _umask_mode())  # mkstemp creates 0600; results are meant to be shared
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.fchmod(fd, _umask_mode())  # mkstemp creates 0600; results are meant to be shared
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -51,18 +88,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.fchmod(fd, _umask_mode())
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.fchmod(fd, _umask_mode())
+        os.close(fd)
+        try:
+            try:
+                torch.save(obj, tmp)
+            except RuntimeError as e:  # torch's zip writer reports a failed write (disk full) this way
+                raise OSError(errno.EIO, str(e).strip().splitlines()[-1]) from None
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -99,11 +140,12 @@ def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
     lines = _lines(rows)
     if not lines:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(lines)
-        f.flush()
-        os.fsync(f.fileno())
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
@@ -135,6 +177,95 @@ class ChildDir:
         atomic_write_text(self.path / "done", "")
 
 
+def read_run_config(folder: str | os.PathLike) -> RunConfig:
+    """The config of the run folder ``folder``; one LinftError when ``config.json`` is missing,
+    damaged, or no longer describes the run of this folder (edited by hand: its run id is not the
+    folder's name, so its rows would be collected under labels they were not trained with)."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    try:
+        cfg = RunConfig.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise LinftError(f"{path} is missing") from None
+    except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError, ConfigError, EIO
+        raise LinftError(f"{path} is damaged ({str(e).splitlines()[0]}); restore it, or delete the run "
+                         "folder and train the run again") from None
+    if cfg.run_id != folder.name:
+        raise LinftError(f"{path} was edited: it describes run {cfg.run_id}, not {folder.name} (the run "
+                         "these rows were trained with); restore the original config.json")
+    return cfg
+
+
+class RunLock:
+    """``fcntl.flock`` on ``<run>/lock``: one process trains a run at a time. The file holds the
+    holder's ``pid``, ``host`` and start ``time`` so that a refused process can say who has it.
+    Released on :meth:`release` or when the holder dies (the kernel drops it)."""
+
+    def __init__(self, run_path: str | os.PathLike):
+        self.path = Path(run_path) / "lock"
+        self.fd: int | None = None
+
+    def acquire(self, wait_s: float = 1.0) -> "RunLock":
+        """Take the lock, retrying for ``wait_s`` seconds; else :class:`RunLocked` naming the holder."""
+        with _writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _umask_mode())
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    holder = lock_holder(self.path.parent) or "another process"
+                    raise RunLocked(f"{self.path.parent} is being trained by {holder}; wait for it to finish "
+                                    "or stop it (a killed holder releases the lock at once)") from None
+                time.sleep(0.05)
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (info + "\n").encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self if self.fd is not None else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_holder(run_path: str | os.PathLike) -> str | None:
+    """'pid P on HOST since TIME' when a live process holds ``<run>/lock``, else None."""
+    path = Path(run_path) / "lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                h = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+                return f"pid {h['pid']} on {h['host']} since {h['time']}"
+            except (ValueError, KeyError):
+                return "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 class RunDir:
     """The folder of one run."""
 
@@ -155,12 +286,15 @@ class RunDir:
         f = self.path / "failed"
         return f.read_text() if f.exists() else None
 
+    def lock(self, wait_s: float = 1.0) -> RunLock:
+        """Hold the run (``with rd.lock(): ...``); :class:`RunLocked` if another process does."""
+        return RunLock(self.path).acquire(wait_s)
+
     def create(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
         cfg = self.path / "config.json"
         text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
         if cfg.exists():
-            stored = RunConfig.from_dict(json.loads(cfg.read_text()))
+            stored = read_run_config(self.path)
             if stored.semantic_diff() != self.config.semantic_diff():
                 raise LinftError(f"{self.path} holds a run with another config")
         atomic_write_text(cfg, text + "\n")
@@ -176,19 +310,39 @@ class RunDir:
     def append_rows(self, rows: Iterable[dict]) -> None:
         append_jsonl(self.rows_path, rows)
 
+    def write_rows(self, rows: Iterable[dict]) -> None:
+        """Replace every row (a run that starts from scratch: none of an earlier attempt survives)."""
+        write_jsonl(self.rows_path, rows)
+
     def read_rows(self) -> list[dict]:
         return read_jsonl(self.rows_path)
 
     def truncate_rows(self, last_step: int) -> None:
-        """Keep the training rows up to ``last_step`` (the checkpoint's) and drop the rest."""
-        rows = [r for r in self.read_rows() if r.get("step", -1) <= last_step and r.get("kind") in ("train", "eval")]
-        write_jsonl(self.rows_path, rows)
+        """Keep the training rows up to ``last_step`` (the checkpoint's) and drop the rest; a row
+        written twice by earlier attempts (same fields but the value) is kept once, the latest."""
+        try:
+            rows = self.read_rows()
+        except LinftError as e:
+            raise LinftError(f"{e}; fix or delete that line to resume, or delete {self.checkpoint_path} "
+                             "to train the run again from step 0") from None
+        kept, seen = [], set()
+        for r in reversed(rows):
+            if r.get("kind") not in ("train", "eval") or not isinstance(r.get("step"), int) or r["step"] > last_step:
+                continue
+            key = json.dumps({k: v for k, v in r.items() if k != "value"}, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                kept.append(r)
+        write_jsonl(self.rows_path, reversed(kept))
 
 
 def run_state(path: Path) -> str:
-    """'done', 'failed', 'running' (has a checkpoint or rows) or 'new'."""
+    """'done', 'running' (a process holds its lock, or it has a checkpoint or rows: interrupted),
+    'failed' or 'new'."""
     if (path / "done").exists():
         return "done"
+    if lock_holder(path):
+        return "running"
     if (path / "failed").exists():
         return "failed"
     if (path / "checkpoint.pt").exists() or (path / "results.jsonl").exists():

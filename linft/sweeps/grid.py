@@ -6,7 +6,9 @@ whose lists are crossed (itertools.product, in file order; an axis whose values 
 value), and optional ``[variants.<v>]`` tables
 that override ``base`` and ``grid`` (``variants.offline`` runs on the embedded default). Runs are
 the truth: ``status`` reads run folders, never a queue; ``launch`` skips what is done, and a failed
-run never stops the others.
+run never stops the others. A run that another process is training (it holds the run's lock: a
+second launch of the same sweep, a ``linft train`` by hand) is skipped, reported, and counted as
+running; each run is trained by one process at a time.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from linft.runs.config import RunConfig
 from linft.errors import ConfigError, LinftError
-from linft.runs.store import run_state
+from linft.runs.store import lock_holder, run_state
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 
@@ -105,6 +107,12 @@ def launch(exp: Experiment, root: str | Path, jobs: int = 1, quiet: bool = False
     for cfg in todo:
         while len(running) >= jobs:
             failed += _reap(running, bar)
+        holder = lock_holder(root / cfg.run_id)
+        if holder or run_state(root / cfg.run_id) == "done":  # taken or finished by another launch meanwhile
+            if holder:
+                bar.write(f"  skipped {cfg.run_id}: being trained by {holder}")
+            bar.update(1)
+            continue
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if n_gpu and jobs > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % n_gpu)
@@ -150,7 +158,7 @@ def delete_incomplete(exp: Experiment, root: str | Path) -> list[str]:
     removed = []
     for cfg in exp.configs:
         path = Path(root) / cfg.run_id
-        if path.exists() and run_state(path) != "done":
+        if path.exists() and run_state(path) != "done" and not lock_holder(path):  # never a run in training
             shutil.rmtree(path)
             removed.append(cfg.run_id)
     return removed

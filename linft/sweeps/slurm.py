@@ -12,6 +12,11 @@ config is all a requeue needs. Set ``checkpoint_every`` (not semantic) to lose f
 evaluation interval. Each run folder gets ``slurm.out`` / ``slurm.err`` symlinks to submitit's logs
 (kept in ``<root>/.submitit/``). ``--gpus-per-job N`` (N > 1) runs the run under
 ``torchrun --standalone --nproc_per_node N`` inside the job (one node; see linft.training.distributed).
+
+One process trains a run at a time (the run's lock, :class:`~linft.runs.store.RunLock`): a job
+whose run is held by another process (the sweep was launched twice) returns "running" at once and
+trains nothing; a requeued job takes over the lock of its predecessor, which the kernel released
+when that process died.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from pathlib import Path
 
 from linft.runs.config import RunConfig
 from linft.errors import LinftError
+from linft.runs.store import RunLocked, lock_holder, run_state
 
 try:  # submitit is needed by this launcher only
     import submitit
@@ -72,6 +78,9 @@ class TrainRun(Checkpointable):
                 train(cfg, self.root)
             except RunFailed:
                 pass  # the run folder holds the reason ("failed"); the job itself succeeded
+            except RunLocked as e:
+                print(f"linft: {e}", file=sys.stderr)
+                return "running"  # another process trains it; this job has nothing to do
         return run_state(Path(self.root) / cfg.run_id)
 
     def checkpoint(self, *args, **kwargs):
@@ -101,11 +110,12 @@ def make_executor(folder: str | Path, opts: SlurmOptions, name: str = "linft"):
 def launch_slurm(exp, root: str | Path, opts: SlurmOptions, configs: list[RunConfig] | None = None) -> list:
     """Submit every run of ``exp`` that is not done as one job array; returns the submitit jobs.
 
-    Runs already done are skipped; a run that is running or was interrupted is resubmitted and
-    resumes from its checkpoint (do not launch a sweep twice while its jobs are still queued)."""
-    from linft.runs.store import run_state
+    Runs already done are skipped, and so are runs that a live process is training (it holds their
+    lock); a run that was interrupted is resubmitted and resumes from its checkpoint. A run queued
+    twice is trained once: the second job to start finds it locked or done."""
     root = Path(root).resolve()
-    todo = [c for c in (configs if configs is not None else exp.configs) if run_state(root / c.run_id) != "done"]
+    todo = [c for c in (configs if configs is not None else exp.configs)
+            if run_state(root / c.run_id) != "done" and not lock_holder(root / c.run_id)]
     if not todo:
         return []
     ex = make_executor(root / ".submitit", opts, name=f"linft-{exp.name}")

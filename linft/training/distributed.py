@@ -186,6 +186,9 @@ class _ReadOnlyRunDir(RunDir):
     def append_rows(self, rows) -> None:
         pass
 
+    def write_rows(self, rows) -> None:
+        pass
+
     def truncate_rows(self, last_step: int) -> None:
         pass
 

@@ -4,7 +4,15 @@ Randomness is a pure function of (seed, step): the loaders draw each step's exam
 augmentation seeds from generators keyed by (seed, domain, step), and the global torch RNG (dropout
 masks) is saved in every checkpoint. A run killed at any moment therefore resumes from its last
 checkpoint and ends bit-identical (on CPU) to an uninterrupted run; rows past the checkpoint are
-dropped on resume, so none is duplicated or torn.
+dropped on resume, so none is duplicated or torn. A run without a checkpoint starts from scratch:
+its ``results.jsonl`` is replaced by the step-0 rows (nothing of an earlier attempt is kept).
+
+Divergence: a run is stopped and marked failed (rows kept, ``failed`` holding step and reason) at
+the first step whose minibatch training loss is non-finite or exceeds
+``min(DIVERGENCE_CAP, DIVERGENCE_FACTOR * max(initial loss, ln C))`` = ``min(1e6, 1e3 * max(L1, ln C))``,
+with L1 the loss of the run's first step and ln C the cross-entropy of a uniform prediction over C
+classes. A healthy cross-entropy stays within a few multiples of ln C; a thousand times it means
+logit margins of thousands, i.e. an exploding run that would otherwise end "done" with garbage.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from linft.errors import LinftError
 from linft.runs.config import RunConfig
 from linft.runs.modes import get_mode
 from linft.training.evaluate import TrajectoryAverage, TrajectoryEnsemble, channels_last, eval_rows, metrics, predict
@@ -26,8 +35,21 @@ from linft.training.tensorboard import open_mirror, require_tensorboard
 from linft.runs.store import RunDir, atomic_torch_save, load_checkpoint
 
 
+DIVERGENCE_FACTOR = 1e3  # loss > this x max(first-step loss, ln C): diverged (module docstring)
+DIVERGENCE_CAP = 1e6     # ... or > this, whatever the first loss
+
+
 class RunFailed(Exception):
-    """A run diverged (NaN/inf loss); its rows are kept and it is marked failed."""
+    """A run diverged (non-finite or exploding loss, module docstring); its rows are kept and it is
+    marked failed."""
+
+
+def divergence_limit(first_loss: float | None, num_classes: int) -> float:
+    """The loss above which a run has diverged (module docstring)."""
+    base = math.log(max(num_classes, 2))
+    if first_loss is not None and math.isfinite(first_loss):
+        base = max(base, first_loss)
+    return min(DIVERGENCE_CAP, DIVERGENCE_FACTOR * base)
 
 
 def _optimizer(cfg: RunConfig, pipe: Pipeline, lr_scale: float = 1.0) -> torch.optim.SGD:
@@ -53,6 +75,7 @@ class Trainer:
         self.tb = None      # tensorboard=DIR: every row is mirrored there as it is written
         if cfg.tensorboard:
             require_tensorboard()  # before any work: a missing package is one line, not a late crash
+        self.first_loss: float | None = None  # training loss of step 1 (the divergence rule)
 
     def _attach_primal_cache(self) -> None:
         """Cache the primal stream at theta0 for every training example ("in" splits of the
@@ -148,18 +171,37 @@ class Trainer:
     def _save(self, step: int, opt, sched, running: tuple[float, int] = (0.0, 0)) -> None:
         atomic_torch_save({"step": step, "running": list(running), "trainable": self.pipe.trainable.state_dict(), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                           "avg": self.avg.state_dict(), "ens": self.ens.state_dict()}, self.run_dir.checkpoint_path)
+                           "avg": self.avg.state_dict(), "ens": self.ens.state_dict(),
+                           "first_loss": self.first_loss}, self.run_dir.checkpoint_path)
 
     def _restore(self, opt, sched) -> tuple[int, float, int]:
-        ck = load_checkpoint(self.run_dir.checkpoint_path)
-        self.pipe.trainable.load_state_dict(ck["trainable"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"])
-        self.avg.load_state_dict(ck["avg"])
-        self.ens.load_state_dict(ck["ens"])
-        self.run_dir.truncate_rows(ck["step"])
-        return ck["step"], float(ck["running"][0]), int(ck["running"][1])
+        path = self.run_dir.checkpoint_path
+        try:
+            ck = load_checkpoint(path)
+            self.pipe.trainable.load_state_dict(ck["trainable"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            torch.set_rng_state(ck["rng"])
+            self.avg.load_state_dict(ck["avg"])
+            self.ens.load_state_dict(ck["ens"])
+            step, running = int(ck["step"]), (float(ck["running"][0]), int(ck["running"][1]))
+        except Exception as e:  # truncated/garbled zip, unpickling refused, keys or shapes of another run
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LinftError(f"{path} is damaged ({why[:200]}); delete it and launch the run again: it "
+                             "restarts from step 0 (its rows are rewritten)") from None
+        self.first_loss = ck.get("first_loss")
+        self.run_dir.truncate_rows(step)
+        return step, running[0], running[1]
+
+    def _diverged(self, loss: float, step: int) -> str | None:
+        """The reason the run has diverged at ``step`` with this training loss, or None."""
+        if not math.isfinite(loss):
+            return f"diverged: non-finite loss ({loss}) at step {step}"
+        limit = divergence_limit(self.first_loss, self.data.num_classes)
+        if loss > limit:
+            return (f"diverged: loss {loss:.3g} at step {step} exceeds {limit:.3g} = min({DIVERGENCE_CAP:g}, "
+                    f"{DIVERGENCE_FACTOR:g} x max(first loss, ln C))")
+        return None
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> RunDir:
@@ -186,10 +228,12 @@ class Trainer:
         if self._writes_rows():
             self.tb = open_mirror(cfg, step if resuming else None)
         progress = RunProgress(cfg, step)
-        if not resuming:
+        if not resuming:  # from scratch: no row of an earlier attempt survives (store module docstring)
             rd.failed and (rd.path / "failed").unlink()
             rows = self._evaluate(0)
-            self._append(rows)
+            rd.write_rows(rows)
+            if self.tb is not None:
+                self.tb.add_rows(rows)
             progress.evaluated(0, rows, sched.get_last_lr()[0])
             self._save(0, opt, sched)
         if cfg.lin_primal_cache:
@@ -201,8 +245,10 @@ class Trainer:
         while step < cfg.steps:
             batches = next(stream)
             loss = self._loss(self.pipe.trainable, batches)
-            if not math.isfinite(loss.item()):
-                reason = f"non-finite loss ({loss.item()}) at step {step + 1}"
+            if step == 0:
+                self.first_loss = loss.item()
+            reason = self._diverged(loss.item(), step + 1)
+            if reason is not None:
                 self._append([dict(run=cfg.run_id, kind="train", step=step + 1, metric="loss", value=loss.item())])
                 rd.mark_failed(reason)
                 progress.close()
