@@ -191,3 +191,82 @@ class MultiRun:
         out = {n: p[k].detach().clone() for n, p in self.params.items()}
         out.update({n: b.clone() for n, b in self.buffers.items()})
         return out
+
+
+# -- the vmapped forward of any trainable module (the group trainer, linft.training.group) ----------
+class _Masks:
+    """The dropout masks of the member being traced (set inside the vmapped function)."""
+    current: torch.Tensor | None = None
+
+
+_ORIG_DROPOUT = F.dropout
+
+
+def _masked_dropout(input, p=0.5, training=True, inplace=False):
+    if not training or (_Masks.current is None and p == 0):
+        return input
+    if _Masks.current is None:
+        raise ConfigError("a dropout without a member mask inside a vectorised step")
+    return input * _Masks.current
+
+
+def replay_dropout_mask(rng_state: torch.Tensor, p: float, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scaled mask a single run's ``F.dropout(x, p, True)`` multiplies ``x`` [shape] by when the
+    global RNG is at ``rng_state``, and the RNG state after the draw. The mask is drawn by ``F.dropout``
+    itself, from the global generator set to the member's state (so the bits are the single run's)."""
+    saved = torch.get_rng_state()
+    try:
+        torch.set_rng_state(rng_state)
+        mask = _ORIG_DROPOUT(torch.ones(shape, dtype=dtype, device=device), p, True)
+        return mask, torch.get_rng_state()
+    finally:
+        torch.set_rng_state(saved)
+
+
+class StackedForward:
+    """``vmap`` of ``functional_call(template, ...)`` over K members of one architecture.
+
+    ``params`` (trainable, stacked [K, ...]) are batched; the template's other tensors (buffers, frozen
+    parameters, e.g. theta0 of a linearized tail or frozen BatchNorm statistics) are shared when every
+    member holds the same values (then a computation that reads only shared tensors and a shared
+    input, e.g. the primal stream of the linearized tail at theta0, runs once for all members), else
+    stacked. Every ``F.dropout`` inside reads the member's mask (``masks`` [K, B, D]) instead of
+    drawing: the masks are drawn outside, per member (:func:`replay_dropout_mask`)."""
+
+    def __init__(self, members: list[nn.Module], trainable: list[str], any_dropout: bool):
+        template = copy.deepcopy(members[0])
+        self.template, self.names = template, list(trainable)
+        others = {**dict(template.named_buffers()),
+                  **{n: p for n, p in template.named_parameters() if n not in self.names}}
+        self.consts, self.const_dims = {}, {}
+        per = [{**dict(m.named_buffers()), **dict(m.named_parameters())} for m in members]
+        for n in others:
+            vals = [d[n].detach() for d in per]
+            same = all(v.shape == vals[0].shape and torch.equal(v, vals[0]) for v in vals[1:])
+            self.consts[n] = vals[0] if same else torch.stack(vals)
+            self.const_dims[n] = None if same else 0
+        for m in template.modules():  # a member with p > 0 must reach the dropout call (see _dropout_mask)
+            if isinstance(m, DropoutHead) and any_dropout:
+                m.p = 0.5
+
+    def _one(self, params, consts, x, y, mask):
+        prev, _Masks.current = _Masks.current, mask
+        try:
+            out = functional_call(self.template, {**consts, **params}, (x,))
+        finally:
+            _Masks.current = prev
+        return out if y is None else F.cross_entropy(out.float(), y)
+
+    def __call__(self, params: dict, x: torch.Tensor, x_batched: bool, y: torch.Tensor | None = None,
+                 masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-member losses [K] (``y`` given: the trainer's ``cross_entropy(logits.float(), y)``) or
+        logits [K, B, C]. ``x`` [B, ...] shared or [K, B, ...] per member (``x_batched``)."""
+        xd = 0 if x_batched else None
+        yd = None if y is None else (0 if y.dim() == 2 else None)
+        md = None if masks is None else 0
+        f = vmap(self._one, in_dims=(0, self.const_dims, xd, yd, md), randomness="error")
+        F.dropout = _masked_dropout
+        try:
+            return f(params, self.consts, x, y, masks)
+        finally:
+            F.dropout = _ORIG_DROPOUT
