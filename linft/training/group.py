@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,57 +29,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from linft.errors import ConfigError
 from linft.runs.config import RunConfig
 from linft.runs.modes import get_mode
 from linft.runs.store import RunDir, atomic_torch_save, load_checkpoint
 from linft.training.evaluate import TrajectoryAverage, TrajectoryEnsemble, channels_last, eval_rows, metrics
+from linft.training.grouping import PER_MEMBER, check_memory, group_key, why_not_vectorisable
 from linft.training.multirun import StackedForward, replay_dropout_mask
 from linft.training.pipeline import build_pipeline, build_run, finalize_trainable, probe_head
 from linft.training.selection import selection_rows
 from linft.training.trainer import _optimizer
-
-PER_MEMBER = ("seed", "p", "lr", "weight_decay", "last_layer_lr_mult")
-NOT_SHARED = PER_MEMBER + ("quiet",)
-VECTORISABLE_MODES = ("tail", "linear", "probe", "unfolded")
-
-
-def group_key(cfg: RunConfig) -> tuple:
-    """What members of one group share (everything but :data:`PER_MEMBER` and logging). A backbone
-    with random weights is drawn from the seed, so its trunk features (the shared data) are too:
-    then the seed is shared as well."""
-    shared = tuple(set(NOT_SHARED) - {"seed"}) if seed_draws_trunk(cfg) else NOT_SHARED
-    return tuple(sorted((k, str(v)) for k, v in cfg.to_dict().items() if k not in shared))
-
-
-def seed_draws_trunk(cfg: RunConfig) -> bool:
-    """True when the backbone's weights are a random init (drawn from the seed, not loaded)."""
-    from linft.models.backbones import get_spec
-    return get_spec(cfg.backbone).weights_file is None
-
-
-def why_not_vectorisable(cfg: RunConfig) -> str | None:
-    """None if ``cfg`` can train in a vectorised group, else the reason in words."""
-    if cfg.mode not in VECTORISABLE_MODES:
-        return f"mode {cfg.mode!r} trains the trunk (vectorised groups need cached trunk features)"
-    if not cfg.feature_cache:
-        return "feature_cache=false (vectorised groups read cached trunk features)"
-    if cfg.lin_primal_cache:
-        return "lin_primal_cache=true (its per-example cache is per run)"
-    return None
-
-
-def make_groups(configs: list[RunConfig], k: int) -> tuple[list[list[RunConfig]], list[RunConfig]]:
-    """``(groups of at most k vectorisable configs sharing group_key, configs to run alone)``."""
-    by_key: dict[tuple, list[RunConfig]] = defaultdict(list)
-    alone = []
-    for c in configs:
-        (alone.append(c) if why_not_vectorisable(c) else by_key[group_key(c)].append(c))
-    groups = [g[i:i + k] for g in by_key.values() for i in range(0, len(g), k)]
-    alone += [g[0] for g in groups if len(g) == 1]
-    return [g for g in groups if len(g) > 1], alone
-
 
 def _same_trunk(a: nn.Module, b: nn.Module, cfg: RunConfig) -> None:
     sa, sb = a.state_dict(), b.state_dict()
@@ -124,6 +84,7 @@ class _Member:
         else:
             self.rng = torch.get_rng_state()
             self.rd.failed and (self.rd.path / "failed").unlink()
+            self.rd.rows_path.unlink(missing_ok=True)  # rows of a start killed before its first checkpoint
         self.params = {n: p for n, p in pipe.trainable.named_parameters() if p.requires_grad}
 
     def save(self) -> None:
@@ -167,6 +128,7 @@ class GroupTrainer:
     def _train(self, configs: list[RunConfig]) -> None:
         built = build_run(configs[0])
         self.device, self.data = built.device, built.data
+        check_memory(built, len(configs))
         members = []
         for i, cfg in enumerate(configs):
             if i == 0:
@@ -295,7 +257,9 @@ class GroupTrainer:
             x, y, batched = self._batch(next(stream))
             masks = self._masks(y.shape[-1])
             leaves = {n: t.detach().requires_grad_(True) for n, t in self.store.items()}
-            losses = self.fwd(leaves, self._post(x, batched), batched, y, masks)
+            logits = self.fwd(leaves, self._post(x, batched), batched, masks).float()
+            # the trainer's loss, member by member (the same kernel on the same float32 logits)
+            losses = torch.stack([F.cross_entropy(lg, y[k] if batched else y) for k, lg in enumerate(logits)])
             grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
             values = losses.tolist()
             bad = [k for k, v in enumerate(values) if not math.isfinite(v)]

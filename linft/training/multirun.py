@@ -249,24 +249,21 @@ class StackedForward:
             if isinstance(m, DropoutHead) and any_dropout:
                 m.p = 0.5
 
-    def _one(self, params, consts, x, y, mask):
+    def _one(self, params, consts, x, mask):
         prev, _Masks.current = _Masks.current, mask
         try:
-            out = functional_call(self.template, {**consts, **params}, (x,))
+            return functional_call(self.template, {**consts, **params}, (x,))
         finally:
             _Masks.current = prev
-        return out if y is None else F.cross_entropy(out.float(), y)
 
-    def __call__(self, params: dict, x: torch.Tensor, x_batched: bool, y: torch.Tensor | None = None,
+    def __call__(self, params: dict, x: torch.Tensor, x_batched: bool,
                  masks: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-member losses [K] (``y`` given: the trainer's ``cross_entropy(logits.float(), y)``) or
-        logits [K, B, C]. ``x`` [B, ...] shared or [K, B, ...] per member (``x_batched``)."""
-        xd = 0 if x_batched else None
-        yd = None if y is None else (0 if y.dim() == 2 else None)
-        md = None if masks is None else 0
-        f = vmap(self._one, in_dims=(0, self.const_dims, xd, yd, md), randomness="error")
+        """Logits [K, B, C] of every member; ``x`` [B, ...] shared or [K, B, ...] per member
+        (``x_batched``); ``masks`` [K, B, D] or None (evaluation, or no member with p > 0)."""
+        f = vmap(self._one, in_dims=(0, self.const_dims, 0 if x_batched else None, None if masks is None else 0),
+                 randomness="error")
         F.dropout = _masked_dropout
         try:
-            return f(params, self.consts, x, y, masks)
+            return f(params, self.consts, x, masks)
         finally:
             F.dropout = _ORIG_DROPOUT
