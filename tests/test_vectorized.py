@@ -251,3 +251,68 @@ def test_a_group_that_does_not_fit_is_refused(data_root, tmp_path, monkeypatch):
                                           r"are free on cpu: use --vectorize 1 or less$"):
         train_group(cfgs, tmp_path / "b")
     assert not any((tmp_path / "b" / c.run_id).exists() for c in cfgs)
+
+
+SWEEP = """
+description = "tiny vectorised"
+[base]
+dataset = "PACS"
+backbone = "tiny_resnet"
+k = 2
+resolution = 16
+steps = 4
+eval_every = 2
+traj_start = 1
+lr_decay_steps = [3]
+batch_size = 4
+augment = false
+feature_cache = true
+[grid]
+cases = [{mode = "linear"}, {mode = "full", augment = true, feature_cache = false}]
+p = [0.0, 0.9]
+lr = [0.05, 0.02]
+"""
+
+
+def _sweep(tmp_path, data_root):
+    from linft.sweeps.grid import load_experiment
+    (tmp_path / "tiny.toml").write_text(SWEEP)
+    return load_experiment(str(tmp_path / "tiny.toml"), data_root=str(data_root), cache_dir=str(tmp_path / "cache"))
+
+
+def _same_as_alone(exp, root, ref_root, tol=1e-5):
+    for cfg in exp.configs:
+        assert_same_run(train(cfg.replace(quiet=True), ref_root), RunDir(root, cfg), tol=tol)
+
+
+def test_sweep_launch_vectorize(data_root, tmp_path, monkeypatch, capsys):
+    """`linft sweep launch --vectorize 3`: the 4 linear runs train as groups of 3 + 1 (a lone run
+    trains alone), the full runs alone (said so); every folder equals a separate run's."""
+    from linft.cli.app import main
+    from linft.sweeps.grid import plan
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    exp = _sweep(tmp_path, data_root)
+    units = plan(exp.configs, 3, say=lambda s: None)
+    assert sorted(len(u) for u in units) == [1, 1, 1, 1, 1, 3]
+    (tmp_path / "tiny.toml").write_text(SWEEP)
+    rc = main(["sweep", "launch", str(tmp_path / "tiny.toml"), "--root", str(tmp_path / "runs"), "--vectorize", "3",
+               "--data-root", str(data_root), "--cache-dir", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "done 8" in out
+    assert "runs alone (mode 'full' trains the trunk" in out
+    assert len(list((tmp_path / "runs" / ".sweep").glob("group-*.log"))) == 1
+    _same_as_alone(exp, tmp_path / "runs", tmp_path / "ref")
+
+
+def test_slurm_job_trains_a_group(data_root, tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    from linft.sweeps.slurm import SlurmOptions, TrainGroup, launch_slurm
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    exp = _sweep(tmp_path, data_root)
+    exp.configs = [c for c in exp.configs if c.mode == "linear"][:3]
+    jobs = launch_slurm(exp, tmp_path / "runs", SlurmOptions(cluster="local", time_min=10), vectorize=4)
+    assert len(jobs) == 1
+    assert jobs[0].result() == ["done"] * 3
+    assert (tmp_path / "runs" / exp.configs[1].run_id / "slurm.out").is_symlink()
+    _same_as_alone(exp, tmp_path / "runs", tmp_path / "ref")
+    assert TrainGroup([c.to_dict() for c in exp.configs], "r").checkpoint().function.configs[0] == exp.configs[0].to_dict()

@@ -320,9 +320,16 @@ def train_group(configs: list[RunConfig], root: str | Path) -> list[RunDir]:
 def _main(argv=None) -> int:  # python -m linft.training.group CONFIGS.json ROOT (the sweep launcher)
     import json
     import sys
+    from linft.errors import LinftError
     args = sys.argv[1:] if argv is None else argv
-    configs = [RunConfig.from_dict(d) for d in json.loads(Path(args[0]).read_text())]
-    dirs = train_group(configs, args[1])
+    try:
+        configs = [RunConfig.from_dict(d) for d in json.loads(Path(args[0]).read_text())]
+        dirs = train_group(configs, args[1])
+    except LinftError as e:
+        print(f"linft: error: {e}", file=sys.stderr)
+        return 2
+    for d in dirs:
+        print(f"{d.path.name}: {'done' if d.done else 'failed: ' + (d.failed or '').strip()}")
     return 0 if all(d.done for d in dirs) else 1
 
 
