@@ -316,3 +316,29 @@ def test_slurm_job_trains_a_group(data_root, tmp_path, monkeypatch):
     assert (tmp_path / "runs" / exp.configs[1].run_id / "slurm.out").is_symlink()
     _same_as_alone(exp, tmp_path / "runs", tmp_path / "ref")
     assert TrainGroup([c.to_dict() for c in exp.configs], "r").checkpoint().function.configs[0] == exp.configs[0].to_dict()
+
+
+@pytest.mark.parametrize("shape,kw", [
+    ((2, 6, 1, 1), dict(groups=6, padding=2, k=5)),             # a 1x1 map (the 32 px study): centre tap
+    ((2, 6, 5, 5), dict(groups=6, padding=1, k=3)),             # depthwise, same padding
+    ((2, 6, 6, 6), dict(groups=6, padding=2, k=5, stride=2)),   # depthwise, strided
+    ((2, 6, 5, 5), dict(groups=1, padding=0, k=1)),             # pointwise
+    ((2, 6, 6, 6), dict(groups=1, padding=0, k=1, stride=2)),   # pointwise, strided (a downsample)
+    ((2, 6, 5, 5), dict(groups=1, padding=1, k=3)),             # anything else: torch's own
+])
+def test_vmap_convolutions_equal_torch(shape, kw):
+    """The convolutions of the vectorised step (member-batched weights) equal F.conv2d, values and
+    gradients, in float64."""
+    from torch.func import vmap
+    from linft.training import multirun
+    k, groups, stride, padding = kw["k"], kw["groups"], kw.get("stride", 1), kw["padding"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, *shape, dtype=torch.float64, generator=g)
+    w = torch.randn(3, 6, 6 // groups, k, k, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def run(conv):
+        out = vmap(lambda x, w, b: conv(x, w, b, stride, padding, 1, groups))(x, w, b)
+        return (out, *torch.autograd.grad((out ** 2).sum(), (w, b)))
+    for got, ref in zip(run(multirun._vmap_conv2d), run(torch.nn.functional.conv2d)):
+        assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-12, rtol=0)

@@ -223,6 +223,52 @@ def replay_dropout_mask(rng_state: torch.Tensor, p: float, shape, dtype, device)
         torch.set_rng_state(saved)
 
 
+_ORIG_CONV2D = F.conv2d
+
+
+def _two(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _vmap_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv2d`` inside the vectorised step: with member-batched weights, vmap turns every
+    convolution into one grouped convolution (K groups), which CPU kernels run several times slower
+    than K plain ones. Pointwise (1x1) convolutions are computed as a batched matmul and depthwise ones
+    as a sum of shifted products instead (the same sums, in another order); others are unchanged."""
+    if isinstance(padding, str) or input.dim() != 4:
+        return _ORIG_CONV2D(input, weight, bias, stride, padding, dilation, groups)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = weight.shape[-2:], _two(stride), _two(padding), _two(dilation)
+    if (kh, kw) == (1, 1) and groups == 1 and (ph, pw) == (0, 0):
+        y = F.linear(input[:, :, ::sh, ::sw].permute(0, 2, 3, 1), weight.flatten(1), bias)
+        return y.permute(0, 3, 1, 2)
+    c = input.shape[1]
+    if groups == c and weight.shape[0] == c and weight.shape[1] == 1:
+        h, wd = input.shape[2], input.shape[3]
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if (h, wd) == (1, 1) and (ho, wo) == (1, 1) and ph == dh * (kh // 2) and pw == dw * (kw // 2) and kh % 2 and kw % 2:
+            # a 1x1 map, 'same' padding: only the centre tap reads the input
+            centre = weight[:, 0, kh // 2, kw // 2].view(1, c, 1, 1)
+            return input * centre if bias is None else input * centre + bias.view(1, c, 1, 1)
+        x = F.pad(input, [pw, pw, ph, ph]) if ph or pw else input
+        w = weight.flatten(1)  # [C, kh * kw]
+
+        def real(first: int, step: int, n: int, pad: int, size: int) -> bool:  # reads more than padding
+            return any(pad <= first + step * r < pad + size for r in range(n))
+        out = None
+        for i in range(kh):
+            if not real(i * dh, sh, ho, ph, h):
+                continue  # this tap multiplies zeros only (e.g. a 1x1 feature map): skipped
+            for j in range(kw):
+                if not real(j * dw, sw, wo, pw, wd):
+                    continue
+                tap = x[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+                term = tap * w[:, i * kw + j].view(1, c, 1, 1)
+                out = term if out is None else out + term
+        return out if bias is None else out + bias.view(1, c, 1, 1)
+    return _ORIG_CONV2D(input, weight, bias, stride, padding, dilation, groups)
+
+
 class StackedForward:
     """``vmap`` of ``functional_call(template, ...)`` over K members of one architecture.
 
@@ -262,8 +308,8 @@ class StackedForward:
         (``x_batched``); ``masks`` [K, B, D] or None (evaluation, or no member with p > 0)."""
         f = vmap(self._one, in_dims=(0, self.const_dims, 0 if x_batched else None, None if masks is None else 0),
                  randomness="error")
-        F.dropout = _masked_dropout
+        F.dropout, F.conv2d = _masked_dropout, _vmap_conv2d
         try:
             return f(params, self.consts, x, masks)
         finally:
-            F.dropout = _ORIG_DROPOUT
+            F.dropout, F.conv2d = _ORIG_DROPOUT, _ORIG_CONV2D
