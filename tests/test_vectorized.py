@@ -315,7 +315,8 @@ def test_slurm_job_trains_a_group(data_root, tmp_path, monkeypatch):
     assert jobs[0].result() == ["done"] * 3
     assert (tmp_path / "runs" / exp.configs[1].run_id / "slurm.out").is_symlink()
     _same_as_alone(exp, tmp_path / "runs", tmp_path / "ref")
-    assert TrainGroup([c.to_dict() for c in exp.configs], "r").checkpoint().function.configs[0] == exp.configs[0].to_dict()
+    requeued = TrainGroup([c.to_dict() for c in exp.configs], "r").checkpoint()
+    assert requeued.function.configs[0] == exp.configs[0].to_dict()
 
 
 @pytest.mark.parametrize("shape,kw", [

@@ -246,7 +246,8 @@ def _vmap_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, grou
         h, wd = input.shape[2], input.shape[3]
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if (h, wd) == (1, 1) and (ho, wo) == (1, 1) and ph == dh * (kh // 2) and pw == dw * (kw // 2) and kh % 2 and kw % 2:
+        same = ph == dh * (kh // 2) and pw == dw * (kw // 2) and kh % 2 and kw % 2
+        if (h, wd) == (1, 1) and (ho, wo) == (1, 1) and same:
             # a 1x1 map, 'same' padding: only the centre tap reads the input
             centre = weight[:, 0, kh // 2, kw // 2].view(1, c, 1, 1)
             return input * centre if bias is None else input * centre + bias.view(1, c, 1, 1)
