@@ -60,8 +60,9 @@ def float64(monkeypatch):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1234)
             return backbones.TinyResNet()
-    arch = backbones._ARCH["tiny_resnet"]
-    monkeypatch.setitem(backbones._ARCH, "tiny_resnet", (arch[0], fixed) + arch[2:])
+    import dataclasses
+    arch = backbones.ARCHITECTURES["tiny_resnet"]
+    monkeypatch.setitem(backbones.ARCHITECTURES, "tiny_resnet", dataclasses.replace(arch, build=fixed))
     monkeypatch.setattr(grouping, "seed_draws_trunk", lambda cfg: False)
     monkeypatch.setattr(RunData, "train_batches", batches)
     monkeypatch.setattr(RunData, "attach", attach)
