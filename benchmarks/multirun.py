@@ -11,6 +11,11 @@ built once before); rounds are interleaved and the ratio is the median over roun
 (sequential time / group time) = the throughput ratio. ``--memory`` reports the peak resident
 memory of a group of K = 1, 4, 8, 16 (one fresh process each) and the group trainer's estimate.
 
+Measured (2 shared CPU cores under other load, 2 threads, --quick, tail, "shared"): sequential
+518/631/728 s vs group 192/245/293 s per round, ratios 2.70/2.57/2.48, median 2.57x; peak RSS of a
+group of K = 1/4/8/16: 1077/1269/1575/2142 MiB (estimate 72 MiB per member). The "seeds" scenario and
+the linear rows were not measured (time).
+
 Usage: python benchmarks/multirun.py [--quick] [--k 8] [--rounds 3] [--modes tail,linear]
        [--scenarios shared,seeds] [--threads 2] [--memory]
 """
