@@ -1,107 +1,125 @@
-"""K runs in one vectorised step (linft.training.multirun.MultiRun) vs K sequential plain-PyTorch runs.
+"""K runs trained as one vectorised group (linft.training.group) vs the same K runs trained one after
+the other by the real trainer (what `linft train` runs), at the offline study's shapes
+(linft.cli.demo.demo_configs: EfficientNet-Lite0 ``efficientnet_lite0.in1k``, k=3, Digits at 32 px,
+feature_cache=true, augment=false, batch 32).
 
-Tail + DropoutHead on cached trunk features, K = 8 members differing in seed, p and lr, each with
-its own data order (per-member batches gathered from a pool of cached features).
-  sequential  K plain PyTorch steps (tail in eval mode for BatchNorm, F.dropout, torch.optim.SGD),
-              one per member: the reference
-  vmap        one MultiRun.step for all K members
-  vmap_lin    the same, linearized tails (jvp under vmap)   [skipped with --quick]
-CPU: EfficientNet-Lite0 tail (last 3 blocks + neck, 112 px -> 192x4x4 features), batch 32.
-CUDA: ResNet50 layer4 on layer3 features (224 px -> 1024x14x14), batch 128, fp32/TF32.
-Ratio = median over interleaved rounds of (sequential time / vmap time) = throughput ratio; the
-GPU floor is >= 4x. Usage: python benchmarks/multirun.py [--quick] [--k 8]
+Members: K = 8 runs of one grid point differing in p (0, 0.5, 0.8, 0.9) and lr (1e-3, 3e-3) with one
+seed ("shared": they share every batch, and a linearized tail's primal stream), or in seed as well
+("seeds": every member its own data order). Each round trains the K runs sequentially and as one
+group into fresh folders (setup, evaluations, checkpoints and rows included; the feature cache is
+built once before); rounds are interleaved and the ratio is the median over rounds of
+(sequential time / group time) = the throughput ratio. ``--memory`` reports the peak resident
+memory of a group of K = 1, 4, 8, 16 (one fresh process each) and the group trainer's estimate.
+
+Measured (2 shared CPU cores under other load, 2 threads, --quick, tail, "shared"): sequential
+518/631/728 s vs group 192/245/293 s per round, ratios 2.70/2.57/2.48, median 2.57x; peak RSS of a
+group of K = 1/4/8/16: 1077/1269/1575/2142 MiB (estimate 72 MiB per member). The "seeds" scenario and
+the linear rows were not measured (time).
+
+Usage: python benchmarks/multirun.py [--quick] [--k 8] [--rounds 3] [--modes tail,linear]
+       [--scenarios shared,seeds] [--threads 2] [--memory]
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import resource
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from _common import CPU, DEV, sync  # noqa: E402  (puts the checkout on sys.path)
-from linft.models.backbones import build_backbone  # noqa: E402
-from linft.core import split_network  # noqa: E402
-from linft.training.multirun import Member, MultiRun, make_member_module  # noqa: E402
+from _common import CPU  # noqa: E402  (puts the checkout on sys.path)
+from linft.cli.demo import demo_configs  # noqa: E402
+from linft.training.group import train_group  # noqa: E402
+from linft.training.launch import train  # noqa: E402
 
 
+def members(base, k: int, scenario: str):
+    grid = [(p, lr) for lr in (1e-3, 3e-3) for p in (0.0, 0.5, 0.8, 0.9)]
+    grid = (grid * (k // len(grid) + 1))[:k]
+    return [base.replace(p=p, lr=lr * (1 + i // 8), seed=(i if scenario == "seeds" else 0))
+            for i, (p, lr) in enumerate(grid)]
+
+
+def base_config(cache: str, mode: str, quick: bool):
+    base = demo_configs(cache)["tail p=0"].replace(mode=mode, quiet=True)
+    if quick:  # the demo's schedule shape, 10x shorter
+        base = base.replace(steps=30, eval_every=15, traj_start=15, lr_decay_steps=(20,))
+    return base
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def peak_memory(k: int, cache: str, mode: str) -> None:
+    """(in a fresh process) a group of k for 5 steps; prints its peak RSS and the estimate."""
+    from linft.training.grouping import member_bytes
+    from linft.training.pipeline import build_run
+    base = base_config(cache, mode, True).replace(steps=5, eval_every=5, traj_start=1, lr_decay_steps=())
+    cfgs = members(base, k, "shared")
+    est = member_bytes(build_run(cfgs[0]))
+    with tempfile.TemporaryDirectory() as root:
+        train_group(cfgs, root)
+    print(json.dumps(dict(kind="bench", bench="multirun_memory", mode=mode, K=k,
+                          peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                          estimate_per_member_mib=round(est / 2**20, 1))), flush=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="30 steps (eval every 15) instead of the demo's 300 (every 100)")
     ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--modes", default="tail,linear")
+    ap.add_argument("--scenarios", default="shared,seeds")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "linft-bench-multirun-cache"))
+    ap.add_argument("--memory", action="store_true", help="peak memory of K = 1, 4, 8, 16 instead")
+    ap.add_argument("--peak", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    torch.set_num_threads(2 if CPU else torch.get_num_threads())
-    if not CPU:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    arch, k, res, B = ("efficientnet_lite0.in1k", 3, 112, 32) if CPU else ("resnet50.random", 1, 224, 128)
-    K, N = args.k, 4 * 32
-    torch.manual_seed(0)
-    model, _ = build_backbone(arch)
-    sp = split_network(model, k, 7, 0.5)
-    trunk = sp.trunk.to(DEV).eval()
-    with torch.no_grad():
-        feats = torch.cat([trunk(torch.randn(32, 3, res, res, device=DEV)) for _ in range(N // 32)])
-    labels = torch.randint(0, 7, (N,), device=DEV)
-    tail = sp.tail.to(DEV)
-    d = sp.head.fc.in_features
-    members = [Member(seed=i, p=(0.0, 0.5, 0.8, 0.9)[i % 4], lr=1e-3 * (1 + i % 3)) for i in range(K)]
-
-    # reference: K independent plain PyTorch models + optimizers
-    seq = []
-    for m in members:
-        net = make_member_module(tail, d, 7, m)
-        net.head.train()
-        seq.append((net, torch.optim.SGD(net.parameters(), lr=m.lr, momentum=0.9)))
-
-    def sequential():
-        idx = torch.randint(0, N, (K, B), device=DEV)
-        for (net, opt), i in zip(seq, idx):
-            loss = F.cross_entropy(net.head(net.tail(feats[i])), labels[i])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-    mr = MultiRun(tail, d, 7, members, momentum=0.9)
-
-    def vectorised(run=mr):
-        idx = torch.randint(0, N, (K, B), device=DEV)
-        run.step(feats[idx], labels[idx])
-
-    rows = {"sequential": sequential, "vmap": vectorised}
-    if not args.quick:
-        mr_lin = MultiRun(copy.deepcopy(tail), d, 7, members, momentum=0.9, linearized=True)
-        rows["vmap_lin"] = lambda: vectorised(mr_lin)
-    rounds, steps = (3, 1) if args.quick else ((5, 1) if CPU else (7, 10))
-    for f in rows.values():
-        f()  # noqa: E702
-    times = {r: [] for r in rows}
-    for _ in range(rounds):
-        for r, f in rows.items():
-            sync()
-            t = time.perf_counter()
-            for _ in range(steps):
-                f()
-            sync()
-            times[r].append((time.perf_counter() - t) / steps)
-    device = torch.cuda.get_device_name() if not CPU else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{device}, torch {torch.__version__}, {arch} tail (k={k}) on {tuple(feats.shape[1:])} features, "
-          f"batch {B}, K={K}")
-    for r in rows:
-        ratio = statistics.median(s / t for s, t in zip(times["sequential"], times[r]))
-        rec = dict(kind="bench", bench="multirun", row=r, device=device, torch=torch.__version__, K=K, batch=B,
-                   ms_per_step_all_members=round(1e3 * statistics.median(times[r]), 1),
-                   member_steps_per_s=round(K / statistics.median(times[r]), 2),
-                   throughput_vs_sequential=round(ratio, 3))
-        print(json.dumps(rec), flush=True)
-    r = statistics.median(s / t for s, t in zip(times["sequential"], times["vmap"]))
-    print(f"K={K} vectorised / sequential throughput: {r:.2f}x"
-          + ("" if CPU else f"  (floor 4x: {'met' if r >= 4 else 'NOT met'})"))
+    torch.set_num_threads(args.threads)
+    modes = args.modes.split(",")
+    if args.peak:
+        return peak_memory(args.peak, args.cache, modes[0])
+    with tempfile.TemporaryDirectory() as warm:  # the feature cache, once
+        train(base_config(args.cache, modes[0], True).replace(steps=1, eval_every=1), warm)
+    if args.memory:
+        for k in (1, 4, 8, 16):
+            subprocess.run([sys.executable, __file__, "--peak", str(k), "--modes", modes[0], "--cache", args.cache,
+                            "--threads", str(args.threads)], check=False)
+        return
+    device = "CPU" if CPU else torch.cuda.get_device_name()
+    print(f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}; EfficientNet-Lite0 k=3, "
+          f"Digits 32 px, cached features, batch 32, K={args.k}, {'quick' if args.quick else 'demo'} schedule",
+          flush=True)
+    for mode in modes:
+        for scenario in args.scenarios.split(","):
+            cfgs = members(base_config(args.cache, mode, args.quick), args.k, scenario)
+            seq, grp = [], []
+            for _ in range(args.rounds):
+                with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+                    seq.append(timed(lambda: [train(c, a) for c in cfgs]))
+                    grp.append(timed(lambda: train_group(cfgs, b)))
+                    shutil.rmtree(a, ignore_errors=True)
+            ratios = [s / g for s, g in zip(seq, grp)]
+            steps = cfgs[0].steps * len(cfgs)
+            print(json.dumps(dict(kind="bench", bench="multirun", mode=mode, scenario=scenario, K=args.k,
+                                  steps=cfgs[0].steps, threads=torch.get_num_threads(),
+                                  sequential_s=[round(t, 1) for t in seq], group_s=[round(t, 1) for t in grp],
+                                  member_steps_per_s_sequential=round(steps / statistics.median(seq), 2),
+                                  member_steps_per_s_group=round(steps / statistics.median(grp), 2),
+                                  ratios=[round(r, 2) for r in ratios],
+                                  throughput_vs_sequential=round(statistics.median(ratios), 2))), flush=True)
 
 
 if __name__ == "__main__":

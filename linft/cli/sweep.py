@@ -30,7 +30,7 @@ def _launch(args) -> int:
         from linft.sweeps.slurm import launch_cli
         return launch_cli(exp, args)
     from linft.sweeps.grid import launch
-    counts = launch(exp, args.root, jobs=args.jobs)
+    counts = launch(exp, args.root, jobs=args.jobs, vectorize=args.vectorize)
     print(f"{exp.name} [{args.variant}]: " + "  ".join(f"{k} {v}" for k, v in counts.items()))
     return 0 if counts["failed"] == 0 and counts["missing"] == 0 and counts["running"] == 0 else 1
 
@@ -63,6 +63,8 @@ def register(sub) -> None:
             v.set_defaults(tensorboard=None, keep_checkpoint=False)
         if name == "launch":
             v.add_argument("--jobs", type=int, default=1, help="processes at a time (one per GPU on GPU machines)")
+            v.add_argument("--vectorize", type=int, default=1, metavar="K",
+                           help="train runs differing only in seed/p/lr/weight decay K at a time in one pass")
             from linft.sweeps.slurm import add_launcher_flags  # [slurm]
             add_launcher_flags(v)
         v.set_defaults(func=func)

@@ -89,39 +89,73 @@ def _train_command(cfg: RunConfig, root: Path) -> list[str]:
     return [sys.executable, "-m", "linft.cli", "train", "--config", str(cfg_file), "--root", str(root)]
 
 
-def launch(exp: Experiment, root: str | Path, jobs: int = 1, quiet: bool = False) -> dict[str, int]:
-    """Run every run that is not done, ``jobs`` processes at a time (one per GPU when there are
-    GPUs and ``jobs`` equals their number). Returns counts of done / failed after the launch.
+def _group_command(group: list[RunConfig], root: Path) -> tuple[list[str], str]:
+    name = "group-" + "+".join(sorted(c.run_id for c in group))[:80]
+    cfg_file = root / ".sweep" / f"{name}.json"
+    cfg_file.parent.mkdir(parents=True, exist_ok=True)
+    cfg_file.write_text(json.dumps([c.to_dict() for c in group]))
+    return [sys.executable, "-m", "linft.training.group", str(cfg_file), str(root)], name
 
-    Each run's output goes to ``<root>/.sweep/<run id>.log`` as it happens: one line per evaluation
-    (unbuffered; no progress bar, as the log is no terminal); ``quiet`` silences the runs. This
-    process prints one line per finished run on stdout (a bar too when stderr is a terminal)."""
+
+def plan(configs: list[RunConfig], vectorize: int = 1, say=print) -> list[list[RunConfig]]:
+    """The launch units: runs alone, or (``vectorize`` K > 1) groups of at most K runs that differ only
+    in seed, p, lr, weight decay and last_layer_lr_mult, each trained in one vectorised pass
+    (:mod:`linft.training.group`); runs that cannot be vectorised run alone, and ``say`` tells why."""
+    if vectorize < 1:
+        raise ConfigError(f"--vectorize takes K >= 1, got {vectorize}")
+    if vectorize == 1:
+        return [[c] for c in configs]
+    from linft.training.grouping import make_groups, why_not_vectorisable
+    groups, alone = make_groups(configs, vectorize)
+    for c in alone:
+        say(f"{c.run_id}: runs alone ({why_not_vectorisable(c) or 'no other run shares its group'})")
+    return groups + [[c] for c in alone]
+
+
+def launch(exp: Experiment, root: str | Path, jobs: int = 1, quiet: bool = False, vectorize: int = 1) -> dict[str, int]:
+    """Run every run that is not done, ``jobs`` processes at a time (one per GPU when there are
+    GPUs and ``jobs`` equals their number); ``vectorize`` K > 1 trains groups of up to K runs in one
+    process each (:func:`plan`). Returns counts of done / failed after the launch.
+
+    Each process's output goes to ``<root>/.sweep/<run id or group>.log`` as it happens: one line per
+    evaluation (unbuffered; no progress bar, as the log is no terminal); ``quiet`` silences the runs.
+    This process prints one line per finished process on stdout (a bar too when stderr is a terminal)."""
     root = Path(root)
     todo = [c.replace(quiet=quiet or c.quiet) for c in exp.configs if run_state(root / c.run_id) != "done"]
+    units = plan(todo, vectorize)
     n_gpu = _gpu_count()
     running: list[tuple[subprocess.Popen, RunConfig]] = []
     failed = 0
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(todo), desc=f"sweep {exp.name}", unit="run", disable=not sys.stderr.isatty())
+    bar = tqdm(total=len(units), desc=f"sweep {exp.name}", unit="run" if vectorize == 1 else "job",
+               disable=not sys.stderr.isatty())
     slot = 0
-    for cfg in todo:
+    for unit in units:
         while len(running) >= jobs:
             failed += _reap(running, bar)
-        holder = lock_holder(root / cfg.run_id)
-        if holder or run_state(root / cfg.run_id) == "done":  # taken or finished by another launch meanwhile
+        free = []
+        for cfg in unit:  # taken or finished by another launch meanwhile
+            holder = lock_holder(root / cfg.run_id)
             if holder:
                 bar.write(f"  skipped {cfg.run_id}: being trained by {holder}")
+            elif run_state(root / cfg.run_id) != "done":
+                free.append(cfg)
+        if not free:
             bar.update(1)
             continue
+        unit = free
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if n_gpu and jobs > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % n_gpu)
         if jobs > 1:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
         slot += 1
-        cmd = _train_command(cfg, root)
-        log = open(root / ".sweep" / f"{cfg.run_id}.log", "w")
-        running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), cfg))
+        cmd, name = _train_command(unit[0], root), unit[0].run_id
+        if len(unit) > 1:
+            cmd, name = _group_command(unit, root)
+        (root / ".sweep").mkdir(parents=True, exist_ok=True)
+        log = open(root / ".sweep" / f"{name}.log", "w")
+        running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), unit[0]))
         log.close()  # the child holds its own descriptor
     while running:
         failed += _reap(running, bar)

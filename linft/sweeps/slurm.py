@@ -88,6 +88,23 @@ class TrainRun(Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainRun(self.config, self.root, self.gpus))
 
 
+class TrainGroup(Checkpointable):
+    """One vectorised group (``linft sweep launch --vectorize K``) as a submitit job: its runs train
+    in one pass (:mod:`linft.training.group`); a requeued job resumes each from its checkpoint."""
+
+    def __init__(self, configs: list[dict], root: str):
+        self.configs, self.root = configs, str(root)
+
+    def __call__(self) -> list[str]:
+        from linft.training.group import train_group
+        cfgs = [RunConfig.from_dict(c).replace(quiet=True) for c in self.configs]
+        train_group(cfgs, self.root)
+        return [run_state(Path(self.root) / c.run_id) for c in cfgs]
+
+    def checkpoint(self, *args, **kwargs):
+        return submitit.helpers.DelayedSubmission(TrainGroup(self.configs, self.root))
+
+
 def make_executor(folder: str | Path, opts: SlurmOptions, name: str = "linft"):
     if submitit is None:  # pragma: no cover
         raise LinftError("the Slurm launcher needs submitit: pip install submitit")
@@ -107,21 +124,27 @@ def make_executor(folder: str | Path, opts: SlurmOptions, name: str = "linft"):
     return ex
 
 
-def launch_slurm(exp, root: str | Path, opts: SlurmOptions, configs: list[RunConfig] | None = None) -> list:
+def launch_slurm(exp, root: str | Path, opts: SlurmOptions, configs: list[RunConfig] | None = None,
+                 vectorize: int = 1) -> list:
     """Submit every run of ``exp`` that is not done as one job array; returns the submitit jobs.
 
     Runs already done are skipped, and so are runs that a live process is training (it holds their
     lock); a run that was interrupted is resubmitted and resumes from its checkpoint. A run queued
-    twice is trained once: the second job to start finds it locked or done."""
+    twice is trained once: the second job to start finds it locked or done.
+    ``vectorize`` K > 1: one array task trains a group of up to K runs (linft.sweeps.grid.plan)."""
+    from linft.sweeps.grid import plan
     root = Path(root).resolve()
     todo = [c for c in (configs if configs is not None else exp.configs)
             if run_state(root / c.run_id) != "done" and not lock_holder(root / c.run_id)]
     if not todo:
         return []
+    units = plan(todo, vectorize)
     ex = make_executor(root / ".submitit", opts, name=f"linft-{exp.name}")
-    jobs = ex.submit_array([TrainRun(c.to_dict(), str(root), opts.gpus_per_job) for c in todo])
-    for cfg, job in zip(todo, jobs):
-        link_logs(root / cfg.run_id, job)
+    jobs = ex.submit_array([TrainGroup([c.to_dict() for c in u], str(root)) if len(u) > 1
+                            else TrainRun(u[0].to_dict(), str(root), opts.gpus_per_job) for u in units])
+    for unit, job in zip(units, jobs):
+        for cfg in unit:
+            link_logs(root / cfg.run_id, job)
     return jobs
 
 
@@ -177,7 +200,7 @@ def launch_cli(exp, args) -> int:
     opts = SlurmOptions(partition=args.partition, gpus_per_job=args.gpus_per_job, cpus_per_job=args.cpus_per_job,
                         mem_gb=args.mem_gb, time_min=args.time_min, array_parallelism=args.array_parallelism,
                         cluster="local" if args.launcher == "submitit-local" else "slurm", extra=tuple(extra))
-    jobs = launch_slurm(exp, args.root, opts)
+    jobs = launch_slurm(exp, args.root, opts, vectorize=getattr(args, "vectorize", 1))
     print(f"{exp.name} [{args.variant}]: submitted {len(jobs)} run(s)" +
           (f" as job array {jobs[0].job_id.split('_')[0]}" if jobs else " (all done)") +
           f"; logs in {Path(args.root) / '.submitit'}; `linft sweep status` follows them")

@@ -191,3 +191,126 @@ class MultiRun:
         out = {n: p[k].detach().clone() for n, p in self.params.items()}
         out.update({n: b.clone() for n, b in self.buffers.items()})
         return out
+
+
+# -- the vmapped forward of any trainable module (the group trainer, linft.training.group) ----------
+class _Masks:
+    """The dropout masks of the member being traced (set inside the vmapped function)."""
+    current: torch.Tensor | None = None
+
+
+_ORIG_DROPOUT = F.dropout
+
+
+def _masked_dropout(input, p=0.5, training=True, inplace=False):
+    if not training or (_Masks.current is None and p == 0):
+        return input
+    if _Masks.current is None:
+        raise ConfigError("a dropout without a member mask inside a vectorised step")
+    return input * _Masks.current
+
+
+def replay_dropout_mask(rng_state: torch.Tensor, p: float, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scaled mask a single run's ``F.dropout(x, p, True)`` multiplies ``x`` [shape] by when the
+    global RNG is at ``rng_state``, and the RNG state after the draw. The mask is drawn by ``F.dropout``
+    itself, from the global generator set to the member's state (so the bits are the single run's)."""
+    saved = torch.get_rng_state()
+    try:
+        torch.set_rng_state(rng_state)
+        mask = _ORIG_DROPOUT(torch.ones(shape, dtype=dtype, device=device), p, True)
+        return mask, torch.get_rng_state()
+    finally:
+        torch.set_rng_state(saved)
+
+
+_ORIG_CONV2D = F.conv2d
+
+
+def _two(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _vmap_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv2d`` inside the vectorised step: with member-batched weights, vmap turns every
+    convolution into one grouped convolution (K groups), which CPU kernels run several times slower
+    than K plain ones. Pointwise (1x1) convolutions are computed as a batched matmul and depthwise ones
+    as a sum of shifted products instead (the same sums, in another order); others are unchanged."""
+    if isinstance(padding, str) or input.dim() != 4:
+        return _ORIG_CONV2D(input, weight, bias, stride, padding, dilation, groups)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = weight.shape[-2:], _two(stride), _two(padding), _two(dilation)
+    if (kh, kw) == (1, 1) and groups == 1 and (ph, pw) == (0, 0):
+        y = F.linear(input[:, :, ::sh, ::sw].permute(0, 2, 3, 1), weight.flatten(1), bias)
+        return y.permute(0, 3, 1, 2)
+    c = input.shape[1]
+    if groups == c and weight.shape[0] == c and weight.shape[1] == 1:
+        h, wd = input.shape[2], input.shape[3]
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        same = ph == dh * (kh // 2) and pw == dw * (kw // 2) and kh % 2 and kw % 2
+        if (h, wd) == (1, 1) and (ho, wo) == (1, 1) and same:
+            # a 1x1 map, 'same' padding: only the centre tap reads the input
+            centre = weight[:, 0, kh // 2, kw // 2].view(1, c, 1, 1)
+            return input * centre if bias is None else input * centre + bias.view(1, c, 1, 1)
+        x = F.pad(input, [pw, pw, ph, ph]) if ph or pw else input
+        w = weight.flatten(1)  # [C, kh * kw]
+
+        def real(first: int, step: int, n: int, pad: int, size: int) -> bool:  # reads more than padding
+            return any(pad <= first + step * r < pad + size for r in range(n))
+        out = None
+        for i in range(kh):
+            if not real(i * dh, sh, ho, ph, h):
+                continue  # this tap multiplies zeros only (e.g. a 1x1 feature map): skipped
+            for j in range(kw):
+                if not real(j * dw, sw, wo, pw, wd):
+                    continue
+                tap = x[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+                term = tap * w[:, i * kw + j].view(1, c, 1, 1)
+                out = term if out is None else out + term
+        return out if bias is None else out + bias.view(1, c, 1, 1)
+    return _ORIG_CONV2D(input, weight, bias, stride, padding, dilation, groups)
+
+
+class StackedForward:
+    """``vmap`` of ``functional_call(template, ...)`` over K members of one architecture.
+
+    ``params`` (trainable, stacked [K, ...]) are batched; the template's other tensors (buffers, frozen
+    parameters, e.g. theta0 of a linearized tail or frozen BatchNorm statistics) are shared when every
+    member holds the same values (then a computation that reads only shared tensors and a shared
+    input, e.g. the primal stream of the linearized tail at theta0, runs once for all members), else
+    stacked. Every ``F.dropout`` inside reads the member's mask (``masks`` [K, B, D]) instead of
+    drawing: the masks are drawn outside, per member (:func:`replay_dropout_mask`)."""
+
+    def __init__(self, members: list[nn.Module], trainable: list[str], any_dropout: bool):
+        template = copy.deepcopy(members[0])
+        self.template, self.names = template, list(trainable)
+        others = {**dict(template.named_buffers()),
+                  **{n: p for n, p in template.named_parameters() if n not in self.names}}
+        self.consts, self.const_dims = {}, {}
+        per = [{**dict(m.named_buffers()), **dict(m.named_parameters())} for m in members]
+        for n in others:
+            vals = [d[n].detach() for d in per]
+            same = all(v.shape == vals[0].shape and torch.equal(v, vals[0]) for v in vals[1:])
+            self.consts[n] = vals[0] if same else torch.stack(vals)
+            self.const_dims[n] = None if same else 0
+        for m in template.modules():  # a member with p > 0 must reach the dropout call (see _dropout_mask)
+            if isinstance(m, DropoutHead) and any_dropout:
+                m.p = 0.5
+
+    def _one(self, params, consts, x, mask):
+        prev, _Masks.current = _Masks.current, mask
+        try:
+            return functional_call(self.template, {**consts, **params}, (x,))
+        finally:
+            _Masks.current = prev
+
+    def __call__(self, params: dict, x: torch.Tensor, x_batched: bool,
+                 masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [K, B, C] of every member; ``x`` [B, ...] shared or [K, B, ...] per member
+        (``x_batched``); ``masks`` [K, B, D] or None (evaluation, or no member with p > 0)."""
+        f = vmap(self._one, in_dims=(0, self.const_dims, 0 if x_batched else None, None if masks is None else 0),
+                 randomness="error")
+        F.dropout, F.conv2d = _masked_dropout, _vmap_conv2d
+        try:
+            return f(params, self.consts, x, masks)
+        finally:
+            F.dropout, F.conv2d = _ORIG_DROPOUT, _ORIG_CONV2D

@@ -52,6 +52,17 @@ def divergence_limit(first_loss: float | None, num_classes: int) -> float:
     return min(DIVERGENCE_CAP, DIVERGENCE_FACTOR * base)
 
 
+def divergence_reason(loss: float, step: int, first_loss: float | None, num_classes: int) -> str | None:
+    """The reason a run has diverged at ``step`` with this training loss, or None (module docstring)."""
+    if not math.isfinite(loss):
+        return f"diverged: non-finite loss ({loss}) at step {step}"
+    limit = divergence_limit(first_loss, num_classes)
+    if loss > limit:
+        return (f"diverged: loss {loss:.3g} at step {step} exceeds {limit:.3g} = min({DIVERGENCE_CAP:g}, "
+                f"{DIVERGENCE_FACTOR:g} x max(first loss, ln C))")
+    return None
+
+
 def _optimizer(cfg: RunConfig, pipe: Pipeline, lr_scale: float = 1.0) -> torch.optim.SGD:
     head_ids = pipe.head_parameter_ids()
     params = [p for p in pipe.trainable.parameters() if p.requires_grad]
@@ -194,14 +205,7 @@ class Trainer:
         return step, running[0], running[1]
 
     def _diverged(self, loss: float, step: int) -> str | None:
-        """The reason the run has diverged at ``step`` with this training loss, or None."""
-        if not math.isfinite(loss):
-            return f"diverged: non-finite loss ({loss}) at step {step}"
-        limit = divergence_limit(self.first_loss, self.data.num_classes)
-        if loss > limit:
-            return (f"diverged: loss {loss:.3g} at step {step} exceeds {limit:.3g} = min({DIVERGENCE_CAP:g}, "
-                    f"{DIVERGENCE_FACTOR:g} x max(first loss, ln C))")
-        return None
+        return divergence_reason(loss, step, self.first_loss, self.data.num_classes)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> RunDir:
