@@ -97,7 +97,7 @@ class TrainGroup(Checkpointable):
 
     def __call__(self) -> list[str]:
         from linft.training.group import train_group
-        cfgs = [RunConfig.from_dict(c).replace(quiet=True) for c in self.configs]
+        cfgs = [RunConfig.from_dict(c) for c in self.configs]  # not quiet: the job log gets the lines
         train_group(cfgs, self.root)
         return [run_state(Path(self.root) / c.run_id) for c in cfgs]
 

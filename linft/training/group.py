@@ -21,6 +21,8 @@ marked failed at that step; the others go on.
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -139,9 +141,16 @@ class GroupTrainer:
             for c in self.configs:
                 locks.enter_context(RunDir(self.root, c).lock())
             todo = [c for c in self.configs if not RunDir(self.root, c).done]
-            if todo:
-                with torch.random.fork_rng(devices=[]):
-                    self._train(todo)
+            try:
+                if todo:
+                    with torch.random.fork_rng(devices=[]):
+                        self._train(todo)
+            except BaseException:  # refused before any work (e.g. too large a group): leave nothing behind
+                for c in todo:
+                    path = RunDir(self.root, c).path
+                    if path.is_dir() and set(os.listdir(path)) <= {"lock"}:
+                        shutil.rmtree(path, ignore_errors=True)
+                raise
         return [RunDir(self.root, c) for c in self.configs]
 
     # -- setup ---------------------------------------------------------------------------------
