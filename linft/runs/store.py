@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
-
 from linft.runs.config import RunConfig
 from linft.runs.rows import clean
 from linft.errors import LinftError
@@ -88,6 +86,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch  # here, not at the top: the command line reads run states without importing torch
     with _writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -108,6 +107,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     """torch.load with weights_only=True (never unpickles arbitrary objects)."""
+    import torch
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
