@@ -212,12 +212,12 @@ def test_disk_full_mid_run_is_one_line_and_the_run_resumes(data_root, tmp_path, 
 
 
 def test_torch_save_failing_on_a_full_disk_is_one_line(data_root, tmp_path, monkeypatch):
-    import linft.runs.store as store
+    import torch  # the store imports torch where it saves
 
     def save(*a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:603] .\nPytorchStreamWriter failed writing file "
                            "data/0: file write failed")
-    monkeypatch.setattr(store.torch, "save", save)
+    monkeypatch.setattr(torch, "save", save)
     with pytest.raises(StoreWriteError, match=r"checkpoint\.pt: PytorchStreamWriter failed writing file"):
         train(tiny(data_root), tmp_path)
     assert not [p for p in RunDir(tmp_path, tiny(data_root)).path.iterdir() if p.name.startswith(".checkpoint")]
