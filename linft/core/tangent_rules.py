@@ -51,6 +51,23 @@ def _run(m: nn.Module, prefix: str, x0, dx, ctx):
 
 # ---- convolution / linear ------------------------------------------------------------------
 
+def _affine_primal(m, prefix, x0, ctx, forward):
+    """The primal side of a conv or linear layer: ``(h, y0, shape)`` = the input its weight tangent
+    needs (recorded or replayed), the output at theta0 (None when not live) and, when the tangent may
+    be the bias alone, the full output shape that tangent must take."""
+    live = x0 is not None
+    lin_w = ctx.linearized(m, prefix, "weight")
+    h = ctx.need(live, lambda: x0, used=lin_w)
+    y0 = None
+    if live:
+        with torch.no_grad():
+            y0 = forward()
+    shape = None
+    if not lin_w and ctx.linearized(m, prefix, "bias"):  # the tangent may be the bias alone
+        shape = ctx.out_shape(live, lambda: y0.shape)
+    return h, y0, shape
+
+
 def _conv(m: nn.Conv2d, prefix, x0, dx, ctx):
     w0, dw = ctx.param(m, prefix, "weight")
     b0, db = ctx.param(m, prefix, "bias")
@@ -62,16 +79,8 @@ def _conv(m: nn.Conv2d, prefix, x0, dx, ctx):
     else:
         pad, padding = (lambda t: t), m.padding
 
-    live = x0 is not None
-    lin_w = ctx.linearized(m, prefix, "weight")
-    h = ctx.need(live, lambda: x0, used=lin_w)
-    y0 = None
-    if live:
-        with torch.no_grad():
-            y0 = F.conv2d(pad(x0), w0, b0, m.stride, padding, m.dilation, m.groups)
-    shape = None
-    if not lin_w and ctx.linearized(m, prefix, "bias"):  # the tangent may be the bias alone
-        shape = ctx.out_shape(live, lambda: y0.shape)
+    h, y0, shape = _affine_primal(m, prefix, x0, ctx,
+                                  lambda: F.conv2d(pad(x0), w0, b0, m.stride, padding, m.dilation, m.groups))
     dy = None
     if dx is not None or dw is not None:  # dh = 0 (a constant input) costs nothing
         dy = _conv_tangent(None if dx is None else pad(dx), None if h is None else pad(h), w0, dw,
@@ -85,16 +94,7 @@ def _conv(m: nn.Conv2d, prefix, x0, dx, ctx):
 def _linear(m: nn.Linear, prefix, x0, dx, ctx):
     w0, dw = ctx.param(m, prefix, "weight")
     b0, db = ctx.param(m, prefix, "bias")
-    live = x0 is not None
-    lin_w = ctx.linearized(m, prefix, "weight")
-    h = ctx.need(live, lambda: x0, used=lin_w)
-    y0 = None
-    if live:
-        with torch.no_grad():
-            y0 = F.linear(x0, w0, b0)
-    shape = None
-    if not lin_w and ctx.linearized(m, prefix, "bias"):  # the tangent may be the bias alone
-        shape = ctx.out_shape(live, lambda: y0.shape)
+    h, y0, shape = _affine_primal(m, prefix, x0, ctx, lambda: F.linear(x0, w0, b0))
     dy = None if dx is None else F.linear(dx, w0)
     if dw is not None:
         dy = _add(dy, F.linear(h, dw))
