@@ -70,8 +70,11 @@ def save(fig: plt.Figure, data: pd.DataFrame, out_dir: str | Path, name: str, ca
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = caption if caption is not None else provenance(data)
-    fig.text(0.01, 0.005, text, fontsize=6.5, color="0.3", ha="left", va="bottom", wrap=True)
-    fig.tight_layout(rect=(0, 0.04 + 0.02 * text.count("\n"), 1, 1))
+    fig.tight_layout()
+    # below the figure's bottom edge (the axis labels stay clear); bbox_inches="tight" takes it in
+    import textwrap
+    wrapped = "\n".join(textwrap.fill(part, 100) for part in text.split("\n"))
+    fig.text(0.01, -0.01, wrapped, fontsize=6.5, color="0.3", ha="left", va="top")
     paths = [out / f"{name}.png", out / f"{name}.pdf", out / f"{name}.csv"]
     fig.savefig(paths[0], dpi=150, bbox_inches="tight")
     fig.savefig(paths[1], bbox_inches="tight")
