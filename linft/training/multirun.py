@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp, stack_module_state, vmap
 
 from linft.core.heads import DropoutHead, check_dropout_rate, pool
+from linft.core.heads import dropout_mask as core_dropout_mask
 from linft.core.surgery import freeze_batchnorm
 from linft.data.splits import derive_seed
 from linft.errors import ConfigError
@@ -76,11 +77,9 @@ def make_member_module(tail: nn.Module, in_features: int, num_classes: int, memb
 
 
 def dropout_mask(gen: torch.Generator, p: float, shape, device, dtype) -> torch.Tensor:
-    """Inverted-dropout mask m / (1 - p) (m ~ Bernoulli(1 - p)) drawn from ``gen``."""
-    if p == 0:
-        return torch.ones(shape, device=device, dtype=dtype)
-    keep = torch.rand(shape, generator=gen, device=device, dtype=dtype) >= p
-    return keep.to(dtype) / (1.0 - p)
+    """Inverted-dropout mask m / (1 - p) (m ~ Bernoulli(1 - p)) drawn from ``gen``
+    (:func:`linft.core.heads.dropout_mask`, the one implementation)."""
+    return core_dropout_mask(shape, p, dtype=dtype, device=device, generator=gen)
 
 
 class MultiRun:
