@@ -5,6 +5,7 @@ import hashlib
 import http.server
 import io
 import json
+import shutil
 import os
 import tarfile
 import threading
@@ -75,17 +76,32 @@ def test_bad_checksum_leaves_nothing(tmp_path, server):
     assert list(root.iterdir()) == []
 
 
-def test_unknown_checksum_refused_unless_no_verify(tmp_path, server, monkeypatch):
+def test_unknown_checksum_is_recorded_on_first_download_and_verified_later(tmp_path, server, monkeypatch):
+    """No DomainBed archive has a published checksum: the first download records its sha256 (and says
+    so), a later download into the same root is verified against it, a changed archive is refused."""
     srv, url = server
     sha = pacs_zip(tmp_path, srv / "PACS.zip")
     root = tmp_path / "data"
-    with pytest.raises(DownloadError, match="no known checksum.*--no-verify"):
-        download("PACS", root, base_url=url)
-    assert not root.exists()
     monkeypatch.setenv("LINFT_DATA_BASE_URL", url)  # the env var works as the base URL too
     logs = []
-    download("PACS", root, no_verify=True, log=logs.append)
-    assert any(sha in m and "NOT verified" in m for m in logs)
+    download("PACS", root, log=logs.append)
+    assert any("recorded on this first download" in m for m in logs)
+    assert any(sha in m and "first download: recorded" in m for m in logs)
+    assert json.loads((root / ".linft-checksums.json").read_text()) == {"PACS": {"PACS.zip": sha}}
+    assert json.loads((root / "PACS" / MARKER).read_text())["files"][0]["verified"] == "first use"
+    shutil.rmtree(root / "PACS")
+    logs = []
+    download("PACS", root, log=logs.append)  # same bytes: verified against the record
+    assert any("verifying it against the sha256 recorded" in m for m in logs)
+    assert json.loads((root / "PACS" / MARKER).read_text())["files"][0]["verified"] is True
+    shutil.rmtree(root / "PACS")
+    (srv / "PACS.zip").write_bytes((srv / "PACS.zip").read_bytes() + b"changed")
+    with pytest.raises(ChecksumError, match="PACS.zip.*sha256"):
+        download("PACS", root, log=lambda m: None)
+    assert not (root / "PACS").exists()
+    logs = []
+    download("PACS", root, no_verify=True, log=logs.append)  # --no-verify skips verification altogether
+    assert any("NOT verified" in m for m in logs)
     assert not json.loads((root / "PACS" / MARKER).read_text())["files"][0]["verified"]
 
 

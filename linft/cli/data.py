@@ -37,7 +37,7 @@ def register(sub) -> None:
     d.add_argument("--sha256", action="append", metavar="[FILE=]HEX",
                    help="expected sha256 of a file whose checksum linft does not know (repeatable)")
     d.add_argument("--no-verify", action="store_true",
-                   help="accept files with no known checksum (their sha256 is printed and recorded)")
+                   help="skip checksum verification (by default a file with no published checksum is recorded at its first download and verified on later ones)")
     d.set_defaults(func=cmd_download)
 
     c = dsub.add_parser("check", help="check a dataset's layout and images", formatter_class=LazyHelpFormatter,

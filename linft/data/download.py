@@ -4,9 +4,10 @@ Steps for a dataset whose target is ``<root>/<folder>``:
 1. each source is streamed into a temp file inside ``<target>/../.linft-partial-<name>/`` (same
    filesystem, a fixed name: what a killed download leaves is removed by the next one, which
    refuses to start while another process holds that folder's lock);
-2. its checksum is verified (sha256 or md5 from :data:`SOURCES`, or ``--sha256``); a dataset
-   with no known checksum is refused *before* downloading unless ``--no-verify`` is given, in
-   which case the computed sha256 is printed and recorded in the completion marker;
+2. its checksum is verified (sha256 or md5 from :data:`SOURCES`, or ``--sha256``). A file with no
+   published checksum (no DomainBed archive has one) is trusted on first use: its sha256 is
+   computed, printed and recorded in ``<root>/.linft-checksums.json``, and every later download of
+   it into that root is verified against the record; ``--no-verify`` skips verification altogether;
 3. archives are extracted into the temp folder by :func:`safe_extract`, which refuses entries that
    would land outside it (absolute paths, ``..``, links pointing outside, devices);
 4. the completion marker ``.linft-complete`` is written *inside* the staged folder, which is then
@@ -23,19 +24,19 @@ import hashlib
 import json
 import os
 import shutil
-import stat
-import tarfile
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from linft.data.errors import ChecksumError, DownloadError, UnsafeArchiveError
+from linft.data.archives import safe_extract  # noqa: F401 (tests and callers import it from here)
+from linft.data.errors import ChecksumError, DownloadError
 from linft.data.mnist import MNIST_MD5, OPTDIGITS_SHA256
 
 MARKER = ".linft-complete"
+RECORD = ".linft-checksums.json"   # sha256 of files with no published checksum, recorded at first download
+FIRST_USE = "first-use"            # placeholder: record this file's sha256 (trust on first use)
 BASE_URL_ENV = "LINFT_DATA_BASE_URL"
 
 
@@ -101,188 +102,6 @@ def _fetch(url: str, dest: Path, chunk: int = 1 << 20) -> tuple[str, str]:
     return sha.hexdigest(), md5.hexdigest()
 
 
-def _check_name(archive: Path, name: str) -> str:
-    name = name.replace("\\", "/")
-    parts = PurePosixPath(name).parts
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in parts:
-        raise UnsafeArchiveError(f"{archive.name}: refusing entry {name!r} (absolute path or '..' escapes the target)")
-    return name
-
-
-_MAX_HOPS = 64  # symlinks followed while resolving one path (the kernel's limit is 40)
-
-
-class _Escape(Exception):
-    """A path that resolves outside the extraction folder (or cannot be resolved safely)."""
-
-
-def _disk_link(base: str, key: str) -> str | None:
-    """The target of ``base/key`` if it is a symlink on disk, None if it is anything else or absent."""
-    try:
-        st = os.lstat(os.path.join(base, key))
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:  # ENAMETOOLONG, ELOOP...: refuse rather than guess (the CVE-2025-4517 trick)
-        raise _Escape(str(e)) from e
-    return os.readlink(os.path.join(base, key)) if stat.S_ISLNK(st.st_mode) else None
-
-
-def _resolve(base: str, rel: str, links: dict[str, str], follow_last: bool = True) -> list[str]:
-    """Where ``rel`` lands, as components under ``base`` (a real path), following symlinks as the
-    kernel would: those in ``links`` (created by earlier members, not written yet) and those on disk.
-    Raises :class:`_Escape` if any step leaves ``base`` (``..`` above it, an absolute target)."""
-    todo = rel.replace("\\", "/").split("/")[::-1]
-    out: list[str] = []
-    hops = 0
-    while todo:
-        c = todo.pop()
-        if c in ("", "."):
-            continue
-        if c == "..":
-            if not out:
-                raise _Escape(rel)
-            out.pop()
-            continue
-        key = "/".join(out + [c])
-        target = (links[key] if key in links else _disk_link(base, key)) if (todo or follow_last) else None
-        if target is None:
-            out.append(c)
-            continue
-        hops += 1
-        target = target.replace("\\", "/")
-        if hops > _MAX_HOPS or target.startswith("/") or (len(target) > 1 and target[1] == ":"):
-            raise _Escape(rel)
-        todo.extend(target.split("/")[::-1])
-    return out
-
-
-class _Guard:
-    """Checks each archive member against the folder's state as members are written in order
-    (symlinks created by earlier members included), whatever tarfile's own filters do."""
-
-    def __init__(self, archive: Path, dest: Path):
-        self.archive, self.base = archive, os.path.realpath(dest)
-        self.links: dict[str, str] = {}  # resolved location -> target, for links not yet on disk
-
-    def refuse(self, name: str, why: str):
-        return UnsafeArchiveError(f"{self.archive.name}: refusing entry {name!r} ({why})")
-
-    def where(self, name: str, follow_last: bool) -> list[str]:
-        try:
-            return _resolve(self.base, name, self.links, follow_last)
-        except _Escape:
-            raise self.refuse(name, "it resolves outside the target, through '..' or symlinks") from None
-
-    def entry(self, name: str, symlink: str | None = None, hardlink: str | None = None) -> None:
-        parent = self.where(name, follow_last=False)[:-1]  # where the entry itself is created
-        self.where(name, follow_last=True)  # where writing to it lands (an existing symlink is followed)
-        if symlink is not None:
-            try:
-                _resolve(self.base, "/".join(parent + [symlink]), self.links)
-            except _Escape:
-                raise self.refuse(name, f"symlink to {symlink!r} pointing outside the target") from None
-            self.links["/".join(parent + [PurePosixPath(name).name])] = symlink
-        if hardlink is not None:
-            try:
-                at = _resolve(self.base, hardlink, self.links, follow_last=False)
-                _resolve(self.base, hardlink, self.links)
-            except _Escape:
-                raise self.refuse(name, f"hard link to {hardlink!r} pointing outside the target") from None
-            key = "/".join(at)
-            if key in self.links or _disk_link(self.base, key) is not None:
-                raise self.refuse(name, f"hard link to the symlink {hardlink!r}")
-
-    def final_links(self) -> None:
-        """Every symlink, resolved in the final tree, still lands inside (a later member may have
-        replaced a path an earlier link goes through)."""
-        for key, target in self.links.items():
-            try:
-                _resolve(self.base, "/".join(key.split("/")[:-1] + [target]), self.links)
-            except _Escape:
-                raise self.refuse(key, f"symlink to {target!r} resolves outside the target once "
-                                       f"the whole archive is extracted") from None
-
-
-def _zip_entries(archive: Path, zf: zipfile.ZipFile):
-    out = []
-    for info in zf.infolist():
-        name = _check_name(archive, info.filename)
-        link = None
-        if (info.external_attr >> 16) & 0o170000 == 0o120000:  # a symlink entry (written as a plain file)
-            link = zf.read(info).decode("utf-8", "replace")
-        out.append((info, name, link))
-    return out
-
-
-def _tar_entry(archive: Path, m: tarfile.TarInfo):
-    name = _check_name(archive, m.name)
-    if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
-        raise UnsafeArchiveError(f"{archive.name}: refusing special entry {name!r} (device or fifo)")
-    link = m.linkname.replace("\\", "/")
-    return name, (link if m.issym() else None), (link if m.islnk() else None)
-
-
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a zip or tar(.gz/.bz2/.xz) archive into ``dest``, refusing any entry that would land
-    outside it: absolute names, ``..`` components, symlinks or hard links whose target resolves
-    outside ``dest``, entries whose path resolves outside through symlinks created by earlier
-    entries (or already in ``dest``), and device or fifo entries. Every entry is checked, in
-    order, before anything is written; each is checked again against the disk just before it is
-    written (whatever tarfile's filters do; Python 3.11.0-3.11.3 have none)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            entries = _zip_entries(archive, zf)
-            guard = _Guard(archive, dest)
-            for _, name, link in entries:
-                guard.entry(name)  # zipfile writes a symlink entry as a plain file: its path is what matters
-                if link is not None:
-                    try:
-                        _resolve(guard.base, str(PurePosixPath(name).parent / link), {})
-                    except _Escape:
-                        raise guard.refuse(name, f"symlink to {link!r} pointing outside the target") from None
-
-            def checked():
-                g = _Guard(archive, dest)
-                for info, name, _ in entries:
-                    g.entry(name)
-                    yield info
-            zf.extractall(dest, members=checked())
-        return
-    try:
-        tf = tarfile.open(archive)
-    except tarfile.TarError as e:
-        raise DownloadError(f"{archive.name} is neither a zip nor a tar archive: {e}") from e
-    filter_error = getattr(tarfile, "FilterError", ())
-    with tf:
-        try:
-            members = tf.getmembers()
-        except tarfile.TarError as e:
-            raise DownloadError(f"{archive.name} is not a readable tar archive: {e}") from e
-        guard = _Guard(archive, dest)
-        for m in members:
-            guard.entry(*_tar_entry(archive, m))
-        guard.final_links()
-
-        def checked():  # consumed one member at a time, after the previous ones are written
-            g = _Guard(archive, dest)
-            for m in members:
-                name, sym, hard = _tar_entry(archive, m)
-                g.links.clear()  # the disk now holds every earlier link
-                g.entry(name, sym, hard)
-                yield m
-        try:
-            # The 'data' filter (Python >= 3.11.4) also drops set-uid bits and odd permissions.
-            if hasattr(tarfile, "data_filter"):
-                tf.extractall(dest, members=checked(), filter="data")
-            else:
-                tf.extractall(dest, members=checked())
-        except filter_error as e:
-            raise UnsafeArchiveError(f"{archive.name}: refusing entry ({e})") from e
-        except tarfile.TarError as e:
-            raise DownloadError(f"cannot extract {archive.name}: {e}") from e
-
-
 def _parse_sha256(values: list[str] | None, sources) -> dict[str, str]:
     """``--sha256 HEX`` (single-source datasets) or ``--sha256 FILE=HEX`` (any) -> ``{file: hex}``."""
     out = {}
@@ -308,12 +127,19 @@ def download(name: str, root: str | os.PathLike, *, base_url: str | None = None,
         raise DownloadError(f"no download for {name!r}; choose one of: {', '.join(list(SOURCES) + list(ALIASES))}")
     spec = SOURCES[name]
     given = _parse_sha256(sha256, spec.sources)
-    unknown = [s.filename for s in spec.sources if not (s.sha256 or s.md5 or s.filename in given)]
-    if unknown and not no_verify:
-        raise DownloadError(f"no known checksum for {', '.join(unknown)}: pass --sha256 HEX if you have one, or "
-                            f"--no-verify to download anyway (the computed sha256 is printed and recorded "
-                            f"in {spec.folder}/{MARKER})")
     root = Path(root).expanduser()
+    if not no_verify:
+        recorded = _read_record(root).get(name, {})
+        for s in spec.sources:
+            if not (s.sha256 or s.md5 or s.filename in given):
+                if s.filename in recorded:
+                    given[s.filename] = recorded[s.filename]
+                    log(f"{name}: {s.filename} has no published checksum; verifying it against the sha256 "
+                        f"recorded at its first download ({root / RECORD})")
+                else:
+                    given[s.filename] = FIRST_USE
+                    log(f"{name}: {s.filename} has no published checksum; its sha256 is recorded on this first "
+                        f"download ({root / RECORD}) and later downloads are verified against it")
     target = root / spec.folder
     if (target / MARKER).is_file():
         if partial_folder(target).exists():  # a killed download's leftovers (one still running is left alone)
@@ -330,7 +156,9 @@ def download(name: str, root: str | os.PathLike, *, base_url: str | None = None,
         if (target / MARKER).is_file():  # another process completed it while we checked
             log(f"{name}: already complete in {target}")
             return target
-        _run_download(name, spec, target, work, base_url, given, log)
+        first_use = _run_download(name, spec, target, work, base_url, given, log)
+    if first_use:
+        _write_record(root, name, first_use)
     log(f"{name}: complete in {target}")
     return target
 
@@ -364,24 +192,29 @@ def _partial(target: Path):
         os.close(fd)
 
 
-def _run_download(name, spec, target, work, base_url, given, log) -> None:
+def _run_download(name, spec, target, work, base_url, given, log) -> dict[str, str]:
+    """Fetch, verify, extract and publish; returns ``{file: sha256}`` of first-use files."""
     stage = work / "stage"
     stage.mkdir()
-    record = []
+    record, first_use = [], {}
     for src in spec.sources:
         url = f"{base_url.rstrip('/')}/{src.filename}" if base_url else src.url
         part = work / (src.filename + ".part")
         log(f"{name}: downloading {url}")
         got_sha, got_md5 = _fetch(url, part)
         want_sha = given.get(src.filename, src.sha256)
+        if want_sha == FIRST_USE:
+            want_sha, first_use[src.filename] = None, got_sha
         if want_sha and got_sha != want_sha:
             raise ChecksumError(f"{src.filename} from {url} has sha256 {got_sha}, expected {want_sha}; "
                                 f"nothing was installed")
         if src.md5 and not want_sha and got_md5 != src.md5:
             raise ChecksumError(f"{src.filename} from {url} has md5 {got_md5}, expected {src.md5}; "
                                 f"nothing was installed")
-        verified = bool(want_sha or src.md5)
-        if not verified:
+        verified = bool(want_sha or src.md5) or ("first use" if src.filename in first_use else False)
+        if src.filename in first_use:
+            log(f"{name}: {src.filename} sha256 {got_sha} (first download: recorded, not verified)")
+        elif not verified:
             log(f"{name}: {src.filename} NOT verified (--no-verify); sha256 {got_sha}")
         if src.extract:
             safe_extract(part, stage)
@@ -398,3 +231,21 @@ def _run_download(name, spec, target, work, base_url, given, log) -> None:
         os.rename(built, target)
     except OSError as e:
         raise DownloadError(f"cannot move the download into {target}: {e}") from e
+    return first_use
+
+
+def _read_record(root: Path) -> dict:
+    """``{dataset: {file: sha256}}`` recorded at first downloads into ``root`` ({} if none)."""
+    path = root / RECORD
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise DownloadError(f"{path} is damaged ({e}); restore or delete it (it only records checksums)") from None
+
+
+def _write_record(root: Path, name: str, shas: dict[str, str]) -> None:
+    record = _read_record(root)
+    record.setdefault(name, {}).update(shas)
+    tmp = root / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, root / RECORD)
