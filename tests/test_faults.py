@@ -319,7 +319,16 @@ def test_cuda_without_a_gpu_is_one_line(data_root, tmp_path, capsys):
 
 
 # -- Ctrl-C at start-up, loader workers ------------------------------------------------------------
-def test_ctrl_c_while_the_cli_starts_is_one_line(monkeypatch, capsys):
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """A process started in the background of a script inherits SIGINT ignored, and the CLI (rightly)
+    keeps ignoring it there; this test is about a terminal, where Ctrl-C raises KeyboardInterrupt."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_while_the_cli_starts_is_one_line(monkeypatch, capsys, sigint_as_in_a_terminal):
     import linft.cli.commands as commands
 
     def interrupted_imports(sub):

@@ -33,7 +33,7 @@ lr_decay_steps = [8]
 batch_size = 4
 lr = 0.05
 [grid]
-cases = [{mode = "tail", steps = 48}, {mode = "linear", steps = 48}, {mode = "full"}]
+cases = [{mode = "tail", steps = 120}, {mode = "linear", steps = 120}, {mode = "full"}]  # long enough not to finish before the cancel
 """
 
 
