@@ -33,7 +33,7 @@ lr_decay_steps = [8]
 batch_size = 4
 lr = 0.05
 [grid]
-cases = [{mode = "tail", steps = 120}, {mode = "linear", steps = 120}, {mode = "full"}]  # long enough not to finish before the cancel
+cases = [{mode = "tail", steps = 48}, {mode = "linear", steps = 48}, {mode = "full"}]
 """
 
 
@@ -67,8 +67,17 @@ def test_sbatch_script_carries_the_resources(tmp_path, monkeypatch):
         assert f"#SBATCH {line}" in text, line
 
 
+@pytest.fixture
+def sigint_default():
+    """submitit's local executor cancels a job with SIGINT; a test run started in the background of a
+    script inherits SIGINT ignored (and so would its jobs), so give the jobs a terminal's disposition."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.slow
-def test_local_executor_sweep_survives_cancel_and_preemption(tmp_path, monkeypatch):
+def test_local_executor_sweep_survives_cancel_and_preemption(tmp_path, monkeypatch, sigint_default):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # jobs bit-identical to the in-process reference
     data = tmp_path / "data"
     make_image_tree(data, "PACS", n_per_class=5, size=16)
