@@ -13,7 +13,6 @@ folder is modified; the models read are never mutated (parameters are swapped in
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from linft.runs.modes import get_mode
 from linft.training.pipeline import BuiltRun, build_run, finalize_trainable, probe_head
 from linft.core.params import differing
 from linft.errors import LinftError
-from linft.runs.store import load_checkpoint
+from linft.runs.store import load_checkpoint, read_run_config
 
 BN_POLICIES = ("frozen",)
 Key = tuple[str, str]
@@ -91,7 +90,7 @@ def run_config(path: str | Path) -> RunConfig:
         raise LinftError(f"run folder {str(path)!r} does not exist")
     if not (path / "config.json").is_file() or not (path / "final.pt").is_file():
         raise LinftError(f"{str(path)!r} is not a finished linft run (needs config.json and final.pt)")
-    return RunConfig.from_dict(json.loads((path / "config.json").read_text()))
+    return read_run_config(path)  # refuses a damaged config.json or one edited by hand
 
 
 def load_run(path: str | Path, weights: str = "trainable", device: str = "cpu", dtype: str = "float32") -> LoadedRun:

@@ -3,12 +3,12 @@
 seeds only) are built in linft.results.selection_frames and linft.results.report."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from linft.errors import LinftError
 from linft.runs.config import RunConfig
 
 CONFIG_COLUMNS = ("dataset", "backbone", "mode", "k", "p", "head_init", "lr", "weight_decay", "steps",
@@ -25,9 +25,11 @@ def _config_columns(cfg: RunConfig) -> dict:
 
 
 def _read_config(folder: Path) -> RunConfig | None:
+    """A member run's config, or None when it is missing or unreadable (its fields are then unknown)."""
+    from linft.runs.store import read_run_config
     try:
-        return RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    except (OSError, ValueError, TypeError):
+        return read_run_config(folder)
+    except LinftError:
         return None
 
 

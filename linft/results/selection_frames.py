@@ -20,7 +20,6 @@ are method identity; pass ``hparams=`` to select over more fields on purpose.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
@@ -55,15 +54,15 @@ def _value(v):
 def run_table(root: str | Path) -> pd.DataFrame:
     """One row per run folder under ``root``: ``run``, ``state`` and every semantic config field
     (canonical: backbone full names, test envs as names; tuples stay tuples)."""
-    from linft.runs.store import run_state
+    from linft.runs.store import read_run_config, run_state
     root = Path(root)
     if not root.is_dir():
         raise LinftError(f"{str(root)!r} is not a folder (expected a linft runs root)")
     rows = []
     for folder in sorted(p for p in root.iterdir() if (p / "config.json").is_file()):
         try:
-            cfg = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
-        except (ValueError, LinftError) as e:
+            cfg = read_run_config(folder)
+        except LinftError as e:
             raise LinftError(f"{folder}/config.json is not a linft run config ({e})") from None
         rows.append({"run": folder.name, "state": run_state(folder),
                      **{f: getattr(cfg, f) for f in _semantic_fields()}})
