@@ -28,3 +28,15 @@ def trunk_features(sp, n=4, res=16, dtype=torch.float64):
     sp.trunk.eval()
     with torch.no_grad():
         return sp.trunk(x)
+
+
+# The tiny run most tests train: tiny_resnet on a generated PACS tree at 16 px, a few steps.
+TINY_RUN = dict(dataset="PACS", backbone="tiny_resnet", k=2, resolution=16, steps=6, eval_every=3, traj_start=1,
+                lr_decay_steps=(4,), batch_size=4, lr=0.05, quiet=True)
+SHORT = dict(steps=4, eval_every=2, lr_decay_steps=(3,))  # the shorter schedule of the analysis tests
+
+
+def tiny_config(data_root, **kw):
+    """A RunConfig of :data:`TINY_RUN` on ``data_root`` with ``kw`` overriding it."""
+    from linft.runs.config import RunConfig
+    return RunConfig(**{**TINY_RUN, "data_root": str(data_root), **kw})

@@ -12,8 +12,8 @@ from linft.analysis.registry import analysis_dir, analyze
 from linft.analysis.spec import Analysis, Option
 from linft.data.synthetic import make_image_tree
 from linft.errors import LinftError
-from linft.runs.config import RunConfig
 from linft.training.launch import train
+from conftest import SHORT, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,10 +24,7 @@ def runs(tmp_path_factory):
     make_image_tree(root / "data", "PACS", n_per_class=5, size=16)
 
     def tiny(**kw):
-        base = dict(dataset="PACS", data_root=str(root / "data"), backbone="tiny_resnet", k=2, resolution=16,
-                    steps=4, eval_every=2, traj_start=1, lr_decay_steps=(3,), batch_size=4, lr=0.05, quiet=True)
-        base.update(kw)
-        return train(RunConfig(**base), root / "runs").path
+        return train(tiny_config(root / "data", **{**SHORT, **kw}), root / "runs").path
     return dict(tail=tiny(mode="tail"), tail_lr=tiny(mode="tail", lr=0.02), lin=tiny(mode="linear"),
                 lin_probe=tiny(mode="linear", head_init="probe", probe_steps=2),
                 s1=tiny(mode="tail", seed=1), s1_lr=tiny(mode="tail", seed=1, lr=0.02),

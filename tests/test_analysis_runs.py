@@ -8,11 +8,11 @@ import torch
 import linft.analysis.loading as an
 from linft.analysis.loading import load_run
 from linft.analysis.registry import analysis_dir, analyze
-from linft.runs.config import RunConfig
 from linft.data.synthetic import make_image_tree
 from linft.errors import LinftError
 from linft.training.evaluate import metrics, predict
 from linft.training.launch import train
+from conftest import SHORT, tiny_config
 
 ROW_KEYS = {"run", "kind", "metric", "value"}
 
@@ -23,10 +23,7 @@ def runs(tmp_path_factory):
     make_image_tree(root / "data", "PACS", n_per_class=5, size=16)
 
     def tiny(**kw):
-        base = dict(dataset="PACS", data_root=str(root / "data"), backbone="tiny_resnet", k=2, resolution=16,
-                    steps=4, eval_every=2, traj_start=1, lr_decay_steps=(3,), batch_size=4, lr=0.05, quiet=True)
-        base.update(kw)
-        return train(RunConfig(**base), root / "runs").path
+        return train(tiny_config(root / "data", **{**SHORT, **kw}), root / "runs").path
     return dict(tail=tiny(mode="tail"), tail_p=tiny(mode="tail", p=0.5), lin=tiny(mode="linear"),
                 lin_p=tiny(mode="linear", p=0.5), other_seed=tiny(mode="tail", seed=1),
                 tail_probe=tiny(mode="tail", head_init="probe", probe_steps=2),

@@ -22,6 +22,7 @@ from linft.runs.config import RunConfig
 from linft.runs.store import RunDir, RunLocked, StoreWriteError, lock_holder, run_state
 from linft.training.launch import RunFailed, check_device, train
 from linft.training.trainer import Trainer, divergence_limit
+from conftest import tiny_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
 
@@ -34,10 +35,7 @@ def data_root(tmp_path_factory):
 
 
 def tiny(data_root, **kw):
-    base = dict(dataset="PACS", data_root=str(data_root), backbone="tiny_resnet", k=2, resolution=16, mode="tail",
-                steps=6, eval_every=3, traj_start=1, lr_decay_steps=(4,), batch_size=4, lr=0.05, quiet=True)
-    base.update(kw)
-    return RunConfig(**base)
+    return tiny_config(data_root, **{"mode": "tail", **kw})
 
 
 @pytest.fixture(scope="module")

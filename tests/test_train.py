@@ -1,5 +1,4 @@
 """The fine-tuning engine on a tiny generated PACS-shaped tree (issue: Fine-tuning engine)."""
-import json
 import math
 
 import pytest
@@ -11,6 +10,7 @@ from linft.errors import ConfigError
 from linft.training.evaluate import TrajectoryAverage, TrajectoryEnsemble
 from linft.runs.store import RunDir, load_checkpoint
 from linft.training.launch import RunFailed, train
+from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,7 @@ def data_root(tmp_path_factory):
 
 
 def tiny(data_root, **kw):
-    base = dict(dataset="PACS", data_root=str(data_root), backbone="tiny_resnet", k=2, resolution=16,
-                steps=6, eval_every=3, traj_start=1, lr_decay_steps=(4,), batch_size=4, lr=0.05, quiet=True)
-    base.update(kw)
-    return RunConfig(**base)
+    return tiny_config(data_root, **kw)
 
 
 def rows_of(rd: RunDir, drop=("img_per_s",)):
