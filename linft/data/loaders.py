@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from linft.data.splits import EnvSplit, derive_seed
+from linft.data.splits import EnvSplit, derive_seed, subsample
 from linft.errors import ConfigError, LinftError
 
 AUGMENT_VS_CACHE = ("augmentation and a feature cache exclude each other: cached trunk features are "
@@ -197,15 +197,19 @@ class CachedSplit:
 
 
 def eval_loaders(data, splits: list[EnvSplit], transform=None, *, batch_size: int = 128,
-                 num_workers: int = 0) -> dict[tuple[str, str], DataLoader]:
+                 num_workers: int = 0, limit: int = 0, seed: int = 0) -> dict[tuple[str, str], DataLoader]:
     """Finite, ordered loaders for every environment's ``in`` and ``out`` split (DomainBed evaluates
-    all of them), keyed by ``(env name, "in" | "out")``; empty splits are left out."""
+    all of them), keyed by ``(env name, "in" | "out")``; empty splits are left out. ``limit`` > 0
+    keeps at most that many examples of each split: a subset drawn from ``seed``, the environment
+    and the split, so every run of one data split evaluates on the same examples."""
     out = {}
     for s in splits:
         env = _env_by_name(data, s.env)
         ds = EnvDataset(env, transform)
         for split in ("in", "out"):
             idx = s.indices(split)
+            if limit and len(idx) > limit:
+                idx = np.sort(subsample(idx, limit, derive_seed(seed, s.env, split, "eval_limit")))
             if len(idx) and getattr(env, "is_feature_cache", False) and transform is None and num_workers == 0:
                 out[(s.env, split)] = CachedSplit(env, idx, batch_size)
             elif len(idx):

@@ -58,6 +58,12 @@ class RunConfig:
         choices=HEAD_INIT_CHOICES))
     probe_steps: int = field(default=300, metadata=_doc("head-only training steps when head_init is probe",
                                                         unit="steps"))
+    probe_dropout: bool = field(default=False, metadata=_doc(
+        "train the probe under the run's dropout p too (else without dropout): a head probed without "
+        "dropout meets 1/(1-p)-scaled features at the first step (p=0.9: a first loss of ~40 nats)"))
+    probe_lr: float = field(default=0.0, metadata=_doc(
+        "the probe's SGD learning rate; 0: 10 x lr. Set it to give every lr and p of a study one shared "
+        "probed head (the same theta0 per seed)"))
     bn: str = field(default="frozen", metadata=_doc("BatchNorm policy: pre-trained statistics, never updated",
                                                     choices=BN_POLICIES))
     resolution: int = field(default=0, metadata=_doc("input side; 0: the backbone's native resolution", unit="pixels"))
@@ -87,6 +93,12 @@ class RunConfig:
     eval_every: int = field(default=300, metadata=_doc(
         "evaluation + checkpoint interval (also trajectory-ensemble members)", unit="steps"))
     traj_start: int = field(default=300, metadata=_doc("trajectory averaging / ensembling starts here", unit="steps"))
+    snapshot_steps: tuple[int, ...] = field(default=(), metadata=_doc(
+        "also keep the trainable weights at these steps (snapshots/step_<N>.pt) for linearity along the "
+        "trajectory", unit="steps"))
+    eval_limit: int = field(default=0, metadata=_doc(
+        "evaluate at most this many examples of each split (a fixed subset per trial_seed); 0: all",
+        unit="examples"))
     seed: int = field(default=0, metadata=_doc("training seed (head init, minibatches, dropout masks)"))
     trial_seed: int = field(default=0, metadata=_doc("data-split seed, kept apart from the training seed"))
     weights_sha256: str = field(default="", metadata=_doc(
@@ -274,6 +286,10 @@ def _validate(c: RunConfig) -> None:
     need(c.lr > 0 and c.weight_decay >= 0 and 0 <= c.momentum < 1, "need lr > 0, weight_decay >= 0, 0 <= momentum < 1")
     need(c.steps >= 1 and c.batch_size >= 1, "steps and batch_size must be >= 1")
     need(c.eval_every >= 1, "eval_every must be >= 1")
+    need(c.probe_lr >= 0, f"probe_lr must be >= 0 (0: 10 x lr), got {c.probe_lr}")
+    need(c.eval_limit >= 0, f"eval_limit must be >= 0 (0: all), got {c.eval_limit}")
+    need(all(0 <= s <= c.steps for s in c.snapshot_steps),
+         f"snapshot_steps must lie in [0, steps={c.steps}], got {list(c.snapshot_steps)}")
     need(0 < c.holdout < 1, f"holdout must lie in (0, 1), got {c.holdout}")
     need(c.n_per_domain >= 0 and c.resolution >= 0 and c.dataset_limit >= 0,
          "n_per_domain, dataset_limit and resolution must be >= 0")

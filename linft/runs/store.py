@@ -275,6 +275,20 @@ class RunDir:
         self.rows_path = self.path / "results.jsonl"
         self.checkpoint_path = self.path / "checkpoint.pt"
         self.final_path = self.path / "final.pt"
+        self.snapshot_dir = self.path / "snapshots"
+
+    def snapshot_path(self, step: int) -> Path:
+        """Where the trainable weights at ``step`` go (``config.snapshot_steps``)."""
+        return self.snapshot_dir / f"step_{step:06d}.pt"
+
+    def save_snapshot(self, step: int, state: dict) -> None:
+        """The trainable part's state dict at ``step``, atomically (a resumed run rewrites it equal)."""
+        self.snapshot_dir.mkdir(exist_ok=True)
+        atomic_torch_save({"step": step, "trainable": state}, self.snapshot_path(step))
+
+    def snapshots(self) -> dict[int, Path]:
+        """Step -> snapshot file, for the snapshots this run has written."""
+        return {int(f.stem.split("_")[1]): f for f in sorted(self.snapshot_dir.glob("step_*.pt"))}
 
     # -- state ---------------------------------------------------------------------------------
     @property

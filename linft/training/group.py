@@ -51,10 +51,26 @@ def _same_trunk(a: nn.Module, b: nn.Module, cfg: RunConfig) -> None:
                           "features are not shared; it cannot join this vectorised group")
 
 
+def _probe_once(cfg: RunConfig, data, pipe, device, probes: dict) -> None:
+    """LP-FT's probe, trained once per distinct probe: members that differ only in p, lr (with
+    probe_lr set), ... and start from the same head get the probed head (and RNG state) of the first
+    one, which :func:`probe_head` would reproduce bit for bit (it reads only these settings)."""
+    key = (cfg.seed, cfg.probe_lr or cfg.lr * 10, cfg.weight_decay, cfg.momentum, cfg.probe_steps,
+           cfg.p if cfg.probe_dropout else None)
+    start = {n: t.detach().clone() for n, t in pipe.head.state_dict().items()}
+    hit = probes.get(key)
+    if hit is not None and all(torch.equal(start[n], t) for n, t in hit[0].items()):
+        pipe.head.load_state_dict(hit[1])
+        torch.set_rng_state(hit[2])
+        return
+    probe_head(cfg, data, pipe, device)
+    probes[key] = (start, {n: t.detach().clone() for n, t in pipe.head.state_dict().items()}, torch.get_rng_state())
+
+
 class _Member:
     """One run inside a group: its folder, modules, optimizer, schedule, RNG state, baselines."""
 
-    def __init__(self, cfg: RunConfig, root, data, pipe, device):
+    def __init__(self, cfg: RunConfig, root, data, pipe, device, probes: dict | None = None):
         self.cfg, self.rd, self.data, self.pipe = cfg, RunDir(root, cfg), copy.copy(data), pipe
         self.data.cfg = cfg  # the member's streams are keyed by its own seed
         self.avg, self.ens = TrajectoryAverage(cfg.traj_start), TrajectoryEnsemble(cfg.traj_start)
@@ -62,7 +78,7 @@ class _Member:
         resuming = self.rd.checkpoint_path.exists()
         torch.manual_seed(cfg.seed)  # as Trainer.run: then the head probe and the dropout masks draw from it
         if cfg.head_init == "probe" and not resuming:
-            probe_head(cfg, self.data, pipe, device)
+            _probe_once(cfg, self.data, pipe, device, {} if probes is None else probes)
         if get_mode(cfg.mode).calibrate and not resuming:
             first = next(self.data.train_batches(start=0, stream="calibrate"))
             with torch.no_grad():
@@ -99,6 +115,11 @@ class _Member:
                            "rng": self.rng, "avg": self.avg.state_dict(), "ens": self.ens.state_dict(),
                            "first_loss": self.first_loss},
                           self.rd.checkpoint_path)
+
+    def snapshot(self, step: int) -> None:
+        """The member's weights at ``step`` when it is one of its snapshot steps (as the single trainer)."""
+        if step in self.cfg.snapshot_steps:
+            self.rd.save_snapshot(step, {n: t.clone() for n, t in self.pipe.trainable.state_dict().items()})
 
     def finish(self) -> None:
         self.rd.append_rows(selection_rows(self.cfg, self.rd.read_rows()))
@@ -158,7 +179,7 @@ class GroupTrainer:
         built = build_run(configs[0])
         self.device, self.data = built.device, built.data
         check_memory(built, len(configs))
-        members = []
+        members, probes = [], {}
         for i, cfg in enumerate(configs):
             if i == 0:
                 pipe = built.pipe
@@ -169,7 +190,7 @@ class GroupTrainer:
                 _same_trunk(built.pipe.split.trunk, pipe.split.trunk, cfg)
                 _same_trunk(built.pipe.post, pipe.post, cfg)
                 pipe.pre = nn.Identity()  # the feature cache (RunData.attach) replaces the trunk
-            members.append(_Member(cfg, self.root, self.data, pipe, self.device))
+            members.append(_Member(cfg, self.root, self.data, pipe, self.device, probes))
         by_step: dict[int, list[_Member]] = defaultdict(list)  # a killed group: members may stand apart
         for m in members:
             by_step[m.step].append(m)
@@ -281,6 +302,7 @@ class GroupTrainer:
                     m.rd.append_rows(rows[k])
                     m.save()
                     m.progress.evaluated(0, rows[k], m.sched.get_last_lr()[0])
+                    m.snapshot(0)
         stream = self._streams(step)
         t0, n_img = time.perf_counter(), 0
         while step < cfg0.steps and self.members:
@@ -309,6 +331,7 @@ class GroupTrainer:
                 m.step = step + 1
                 m.avg.update(m.step, m.pipe.trainable)
                 m.running, m.n_loss = m.running + v, m.n_loss + 1
+                m.snapshot(m.step)
             step += 1
             n_img += y.shape[-1]
             if bad:

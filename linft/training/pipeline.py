@@ -84,16 +84,18 @@ def build_run(cfg: RunConfig) -> BuiltRun:
 
 
 def probe_head(cfg: RunConfig, data: RunData, pipe: Pipeline, device: torch.device) -> None:
-    """LP-FT: train the new head alone (lr x10) on frozen features before anything else. Call it
+    """LP-FT: train the new head alone (probe_lr, else lr x10) on frozen features before anything else. Call it
     right after ``torch.manual_seed(cfg.seed)``, as the trainer does, to reproduce a run's theta0."""
     mode, head = get_mode(cfg.mode), pipe.head
-    opt = torch.optim.SGD(head.parameters(), lr=cfg.lr * 10, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(head.parameters(), lr=cfg.probe_lr or cfg.lr * 10, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     stream = data.train_batches(start=0, stream="probe")
     for _ in range(cfg.probe_steps):
         batches = next(stream)
         with torch.no_grad():
             x = torch.cat([b[0] for b in batches]).to(device)
             z = mode.head_input(pipe.split, pipe.pre, pipe.post, pipe.trainable, x)
+        if cfg.probe_dropout:  # the run's own representation dropout (the same kernel as the trainer's)
+            z = F.dropout(z, cfg.p, training=True)
         loss = F.cross_entropy(head(z), torch.cat([b[1] for b in batches]).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()

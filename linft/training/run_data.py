@@ -6,6 +6,7 @@ from typing import Iterator
 
 import torch
 
+from linft.errors import ConfigError
 from linft.runs.config import RunConfig
 from linft.data.datasets import get_dataset
 from linft.data.loaders import eval_loaders, shard_loaders, train_loaders, zip_minibatches
@@ -49,7 +50,8 @@ class RunData:
             self.train_tf = transforms_for(spec, res, augment=cfg.augment)
             self.eval_tf = transforms_for(spec, res, augment=False)
         self.eval_loaders = eval_loaders(self.inputs, self.splits, self.eval_tf, batch_size=256,
-                                         num_workers=cfg.workers)
+                                         num_workers=cfg.workers, limit=cfg.eval_limit,
+                                         seed=derive_seed(self.dataset.key, cfg.trial_seed))
 
     def _attach_device(self, spec, res: int) -> None:
         """loader="device": every domain decoded once into a uint8 store (S = 1.14 res, memory-mapped,
@@ -67,6 +69,8 @@ class RunData:
             images, labels = self.stores[s.env].tensors(self.device)
             for split in ("in", "out"):
                 idx = s.indices(split)
+                if cfg.eval_limit and len(idx) > cfg.eval_limit:
+                    raise ConfigError("eval_limit is not implemented for loader=device; use loader=pil")
                 if len(idx):
                     self.eval_loaders[(s.env, split)] = DeviceSplit(images, labels, idx, 256, self.eval_tf,
                                                                     self.device)

@@ -240,6 +240,8 @@ class Trainer:
                 self.tb.add_rows(rows)
             progress.evaluated(0, rows, sched.get_last_lr()[0])
             self._save(0, opt, sched)
+            if 0 in cfg.snapshot_steps and self._writes_rows():
+                rd.save_snapshot(0, self.pipe.trainable.state_dict())
         if cfg.lin_primal_cache:
             self._attach_primal_cache()
             stream = self._primal_stream(step)
@@ -267,6 +269,8 @@ class Trainer:
             self.avg.update(step, self.pipe.trainable)
             running, n_loss, n_img = running + loss.item(), n_loss + 1, n_img + sum(len(b[1]) for b in batches)
             progress.update(loss.item(), sched.get_last_lr()[0], n_img / (time.perf_counter() - t0))
+            if step in cfg.snapshot_steps and self._writes_rows():
+                rd.save_snapshot(step, self.pipe.trainable.state_dict())
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 rows = [dict(run=cfg.run_id, kind="train", step=step, metric="loss", value=running / n_loss),
                         dict(run=cfg.run_id, kind="train", step=step, metric="img_per_s",
