@@ -58,9 +58,9 @@ class RunConfig:
         choices=HEAD_INIT_CHOICES))
     probe_steps: int = field(default=300, metadata=_doc("head-only training steps when head_init is probe",
                                                         unit="steps"))
-    probe_dropout: bool = field(default=False, metadata=_doc(
-        "train the probe under the run's dropout p too (else without dropout): a head probed without "
-        "dropout meets 1/(1-p)-scaled features at the first step (p=0.9: a first loss of ~40 nats)"))
+    probe_dropout: bool = field(default=True, metadata=_doc(
+        "the probe trains under the run's dropout p (the head's own dropout); false: without dropout, "
+        "so every p of a study starts from the same probed head (with probe_lr: the same theta0 per seed)"))
     probe_lr: float = field(default=0.0, metadata=_doc(
         "the probe's SGD learning rate; 0: 10 x lr. Set it to give every lr and p of a study one shared "
         "probed head (the same theta0 per seed)"))
