@@ -74,18 +74,23 @@ def test_collect_tables_figures_report(swept, tmp_path):
 
 
 def test_experiments_in_repo_load():
-    for name in ("linear_vs_nonlinear",):
-        for variant in ("paper", "offline"):
+    for name, variants in (("linear_vs_nonlinear", ("paper", "offline")),
+                           ("offline_study", ("paper", "linear", "linear_p0", "random_trunk", "rates", "arms",
+                                              "epochs", "demo"))):
+        for variant in variants:
             exp = load_experiment(name, variant)
             assert exp.configs and len({c.run_id for c in exp.configs}) == len(exp.configs)
 
 
 def test_demo_configs_are_the_documented_study():
+    """The demo is the offline study's slice: its runs are the study's (same settings, one seed)."""
     from linft.cli.demo import demo_configs
     cfgs = demo_configs("/tmp/cache")
-    assert {(c.mode, c.p) for c in cfgs.values()} >= {(m, p) for m in ("tail", "linear", "full") for p in (0.0, 0.9)}
-    assert sorted({c.n_per_domain for c in cfgs.values() if c.p == 0.9 and c.mode == "tail"}) == [100, 300, 800]
-    assert all(c.backbone == "efficientnet_lite0.in1k" and c.dataset == "Digits" for c in cfgs.values())
+    assert set(cfgs) == {"tail p=0", "tail p=0.9", "linear p=0", "linear p=0.9"}
+    assert all(c.backbone == "efficientnet_lite0.in1k" and c.dataset == "Digits" and c.resolution == 48
+               and c.head_init == "probe" and not c.probe_dropout and c.steps == 1500 for c in cfgs.values())
+    study = {(c.mode, c.p, c.lr, c.steps, c.probe_lr, c.k) for c in load_experiment("offline_study").configs}
+    assert {(c.mode, c.p, c.lr, c.steps, c.probe_lr, c.k) for c in cfgs.values() if c.mode == "tail"} <= study
     assert len({c.run_id for c in cfgs.values()}) == len(cfgs)
 
 

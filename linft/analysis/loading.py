@@ -105,7 +105,11 @@ def load_run(path: str | Path, weights: str = "trainable", device: str = "cpu", 
     cuda = [torch.cuda.current_device()] if torch.device(cfg.device if cfg.device != "auto" else "cpu").type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # rebuilding re-seeds the global RNG: leave the caller's alone
         built = build_run(cfg)
-        if cfg.head_init == "probe":
+        start = path / "snapshots" / "step_000000.pt"
+        if start.is_file() and not get_mode(cfg.mode).linearized:
+            # the run's own theta0, saved by the trainer after the probe (what a replay reproduces)
+            built.pipe.trainable.load_state_dict(load_checkpoint(start)["trainable"])
+        elif cfg.head_init == "probe":
             torch.manual_seed(cfg.seed)  # as the trainer does right before probing
             probe_head(cfg, built.data, built.pipe, built.device)
     pipe = built.pipe

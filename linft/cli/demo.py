@@ -1,95 +1,92 @@
-"""`linft demo` (what `make demo` runs): a small but real version of the study, offline, on the
-embedded default -- real ImageNet EfficientNet-Lite0 weights, MNIST (training domain) -> UCI
-optdigits (test domain), 32 px:
+"""`linft demo` (what `make demo` runs): the offline study's 5-minute slice, offline, on the embedded
+default -- real ImageNet EfficientNet-Lite0 weights, MNIST (training domain) -> UCI optdigits (test
+domain), 48 px, the study's settings (``experiments/offline_study.toml``, variant ``demo``):
 
-1. tail and linearized-tail fine-tuning at p = 0 and p = 0.9 (frozen-trunk features cached once),
-   full fine-tuning at p = 0 and p = 0.9 (short: 150 steps on 2 CPU cores), each with its
-   trajectory weight average and trajectory ensemble;
-2. the linearity analyses: weight distances, interpolation (pre-trained -> fine-tuned and
-   p=0 <-> p=0.9; p=0.9 from the pre-trained weights) with barriers, function-vs-weight interpolation, post-hoc Taylor fidelity,
-   trained linear-vs-standard agreement, kernel distance, the linear-model identities;
-3. a dataset-size trend over 3 nested sizes (100, 300, 800 examples);
-4. the report (markdown, tables, figures) in ``--out``.
+1. the standard and the linearized tail at p = 0 and p = 0.9 from one LP-FT start (n = 1,000, one
+   seed, 1,500 steps: converged, as convergence.csv shows), two runs at a time;
+2. the linearity analyses: post-hoc Taylor fidelity, the full [N, C, N, C] kernel distance,
+   fidelity / weight / kernel distance along the trajectory (snapshots), the barrier theta0 ->
+   theta_ft, the trained linear-vs-standard pairs and the linear-model identities;
+3. the study's tables and figures (claims.md: with one seed every claim reads inconclusive, by
+   its rule) and the report, in ``--out``.
+
+What the slice leaves out (seeds, sizes, rates, controls) is the full study:
+``bash experiments/offline_study.sh`` (paper_notes.md section 11).
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
 
-from linft.runs.config import RunConfig
+FIXED_STEPS, EPOCHS = 1500, 4.8  # the study's protocol (experiments/offline_study.toml)
+NTK = {"form": "full", "probe_size": 32}
 
 
-NTK_PROBE = 32  # examples in the kernel's probe batch (a [32, 32] trace NTK of ~2M tail parameters)
-OPTIONS = {"ntk": {"probe_size": NTK_PROBE}, "identity": {"grid": 11}}
+def demo_configs(cache_dir: str) -> dict:
+    """The slice's runs by name ("tail p=0", ...): the study's ``demo`` variant."""
+    from linft.sweeps.grid import load_experiment
+    exp = load_experiment("offline_study", "demo", cache_dir=cache_dir)
+    return {f"{c.mode} p={c.p:g}": c for c in exp.configs}
 
 
-def demo_configs(cache_dir: str) -> dict[str, RunConfig]:
-    base = RunConfig(dataset="Digits", test_envs=("optdigits",), backbone="efficientnet_lite0.in1k", resolution=32,
-                     augment=False, dataset_limit=1000, n_per_domain=800, steps=300, lr=1e-3, lr_decay_steps=(200,),
-                     eval_every=100, traj_start=100, batch_size=32, cache_dir=cache_dir)
-    runs = {f"{m} p={p:g}": base.replace(mode=m, p=p, feature_cache=True) for m in ("tail", "linear") for p in (0.0, 0.9)}
-    runs.update({f"full p={p:g}": base.replace(mode="full", p=p, steps=150, lr_decay_steps=(100,), eval_every=50,
-                                               traj_start=50) for p in (0.0, 0.9)})
-    runs.update({f"{m} p=0.9 n={n}": base.replace(mode=m, p=0.9, feature_cache=True, n_per_domain=n)
-                 for m in ("tail", "linear") for n in (100, 300)})
-    return runs
+def _analyses(paths: dict) -> list[tuple[str, list, dict]]:
+    t0, t9, l0, l9 = (str(paths[k]) for k in ("tail p=0", "tail p=0.9", "linear p=0", "linear p=0.9"))
+    jobs = []
+    for t in (t0, t9):
+        jobs += [("linearity", [t], {"ts": (0.5, 1.0)}), ("ntk", [t], NTK), ("trajectory", [t], NTK),
+                 ("interp", [t], {})]
+    jobs += [("linearity", [l0, t0], {}), ("linearity", [l9, t9], {}), ("identity", [l0, l9], {"grid": 11}),
+             ("distance", [t0, t9], {})]
+    return jobs
 
 
-def run_demo(out: str | Path = "linft-demo", figures: str | Path | None = None) -> Path:
+def run_demo(out: str | Path = "linft-demo", figures: str | Path | None = None, jobs: int = 2) -> Path:
     from linft.analysis.registry import analyze
     from linft.results.report import write_report
-    from linft.training.launch import train
+    from linft.results.study import write_study
+    from linft.sweeps.grid import Experiment, launch
     t0 = time.perf_counter()
     out = Path(out)
-    root = out / "runs"
+    root, figures = out / "runs", Path(figures or out / "figures")
     configs = demo_configs(str(out / "cache"))
 
     def stage(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
 
-    paths = {}
-    for i, (name, cfg) in enumerate(configs.items(), 1):
-        stage(f"run {i}/{len(configs)}: {name} ({cfg.mode}, p={cfg.p}, n={cfg.n_per_domain}, {cfg.steps} steps)")
-        paths[name] = train(cfg, root).path
-    p0, p9, l0, l9 = paths["tail p=0"], paths["tail p=0.9"], paths["linear p=0"], paths["linear p=0.9"]
-    jobs = [("distance", [p0, p9]), ("interp", [p9]), ("interp", [p0, p9]),
-            ("funcinterp", [p0, p9]), ("linearity", [p0]), ("linearity", [p9]), ("linearity", [l0, p0]),
-            ("linearity", [l9, p9]), ("ntk", [p0]), ("ntk", [p9]), ("identity", [l0, l9]), ("identity", [p0, p9])]
-    for kind, runs in jobs:
+    # the runs' processes share the cores (inherited); this process's analyses then use them all
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(jobs, 1))))
+    stage(f"{len(configs)} runs, {jobs} at a time: {', '.join(configs)} (n=1000, 1500 steps, 48 px)")
+    counts = launch(Experiment("offline_study:demo", "", "", list(configs.values())), root, jobs=jobs)
+    if counts.get("failed"):
+        stage(f"{counts['failed']} run(s) failed: see {root}/.sweep/*.log")
+    paths = {name: root / c.run_id for name, c in configs.items()}
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    for kind, runs, options in _analyses(paths):
         stage(f"analysis {kind}: {' vs '.join(Path(r).name for r in runs)}")
-        analyze(kind, runs, **OPTIONS.get(kind, {}))
-    stage("dataset-size trend (n = 100, 300, 800; tail at p = 0.9, and distances of the linear runs)")
-    analyze("trend", [paths["tail p=0.9 n=100"], paths["tail p=0.9 n=300"], p9], probe_size=NTK_PROBE)
-    analyze("trend", [paths["linear p=0.9 n=100"], paths["linear p=0.9 n=300"], l9], kinds=("distance",))
-    stage("report and figures")
-    report = write_report(root, out / "report.md", figures or out / "figures",
-                          title="linft demo: EfficientNet-Lite0 (ImageNet), MNIST -> UCI optdigits")
-    _tables(root, out)
-    stage(f"done: {report}")
+        analyze(kind, runs, **options)
+    stage("study tables and figures, report")
+    write_study(root, figures, fixed_steps=FIXED_STEPS, epochs=EPOCHS)
+    report = write_report(root, out / "report.md", figures,
+                          title="linft demo: EfficientNet-Lite0 (ImageNet), MNIST -> UCI optdigits, 48 px")
+    stage(f"done: {report} and {figures}/claims.md")
     return report
-
-
-def _tables(root: Path, out: Path) -> None:
-    """The demo's small result tables (CSV): selected accuracies and the analyses' headline rows."""
-    from linft.results import collect
-    df = collect.load_rows(root)
-    collect.selected_accuracy(df, "train_val").to_csv(out / "accuracy.csv", index=False)
-    heads = df[df["kind"].isin(["distance", "interp", "linearity", "ntk", "identity", "trend"])
-               & (df["env"].isin(["pooled"]) | df["env"].isna())]
-    heads.dropna(axis=1, how="all").to_csv(out / "analyses.csv", index=False)
 
 
 def _main(args) -> int:
     if args.fresh and Path(args.out).exists():
         shutil.rmtree(Path(args.out))
-    run_demo(args.out, args.figures)
+    run_demo(args.out, args.figures, args.jobs)
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="the offline study on the embedded default (EfficientNet-Lite0, MNIST -> optdigits)")
+    p = sub.add_parser("demo", help="the offline study's 5-minute slice on the embedded default "
+                                    "(EfficientNet-Lite0, MNIST -> optdigits)")
     p.add_argument("--out", default="linft-demo", help="output folder (runs, cache, report.md, figures/)")
-    p.add_argument("--figures", default=None, help="where figures go (default: OUT/figures)")
+    p.add_argument("--figures", default=None, help="where tables and figures go (default: OUT/figures)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at a time (default 2: this machine's cores)")
     p.add_argument("--fresh", action="store_true", help="delete OUT first (otherwise finished work is reused)")
     p.set_defaults(func=_main)

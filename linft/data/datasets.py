@@ -165,5 +165,12 @@ def get_dataset(name: str, root: str | Path | None = None, *, skip_corrupt: bool
         if set(options) - allowed:
             raise DataError(f"{name} takes no option(s) {sorted(set(options) - allowed)}; "
                             f"it takes {sorted(allowed)}")
-        return builder(root, **options)
+        key = (name, None if root is None else str(Path(root).expanduser().resolve()), tuple(sorted(options.items())))
+        if key not in _MEMORY_BUILT:  # built in memory from fixed files: once per process (an analysis
+            _MEMORY_BUILT.clear()     # driver rebuilding many runs of one study pays it once, not per run)
+            _MEMORY_BUILT[key] = builder(root, **options)
+        return _MEMORY_BUILT[key]
     raise _unknown(name)
+
+
+_MEMORY_BUILT: dict = {}  # the last in-memory dataset built (its tensors are never written to)
