@@ -89,17 +89,21 @@ def probe_head(cfg: RunConfig, data: RunData, pipe: Pipeline, device: torch.devi
     mode, head = get_mode(cfg.mode), pipe.head
     opt = torch.optim.SGD(head.parameters(), lr=cfg.probe_lr or cfg.lr * 10, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     stream = data.train_batches(start=0, stream="probe")
-    for _ in range(cfg.probe_steps):
-        batches = next(stream)
-        with torch.no_grad():
-            x = torch.cat([b[0] for b in batches]).to(device)
-            z = mode.head_input(pipe.split, pipe.pre, pipe.post, pipe.trainable, x)
-        if cfg.probe_dropout:  # the run's own representation dropout (the same kernel as the trainer's)
-            z = F.dropout(z, cfg.p, training=True)
-        loss = F.cross_entropy(head(z), torch.cat([b[1] for b in batches]).to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    was = head.training
+    # dropout(p) only under probe_dropout, and then the head's own (after pooling: the trainer's kernel)
+    head.train(cfg.probe_dropout)
+    try:
+        for _ in range(cfg.probe_steps):
+            batches = next(stream)
+            with torch.no_grad():
+                x = torch.cat([b[0] for b in batches]).to(device)
+                z = mode.head_input(pipe.split, pipe.pre, pipe.post, pipe.trainable, x)
+            loss = F.cross_entropy(head(z), torch.cat([b[1] for b in batches]).to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        head.train(was)
 
 
 def finalize_trainable(pipe: Pipeline, cfg: RunConfig) -> None:
