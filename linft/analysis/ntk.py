@@ -43,20 +43,23 @@ def ntk_names(run: LoadedRun) -> list[str]:
     return list(run.theta)
 
 
+def kernel_at(run: LoadedRun, theta: dict, x: torch.Tensor, form: str = "trace", method: str = "auto",
+              memory_bytes: float = 2 ** 31) -> torch.Tensor:
+    """The empirical NTK of the run's trainable module at ``theta`` on ``x``, in the parameters
+    :func:`ntk_names` (the others held at their value in ``theta``)."""
+    names, module = ntk_names(run), run.trainable
+    fixed = {n: t for n, t in theta.items() if n not in names}
+
+    def fn(p, xb):
+        return functional_call(module, {**fixed, **p}, (xb,))
+    return empirical_ntk(fn, {n: theta[n] for n in names}, x, form=form, method=method, memory_bytes=memory_bytes)
+
+
 def ntk(runs, probe_size=64, probe_seed=0, form="trace", method="auto", memory_bytes=2 ** 31):
     run = runs[0]
     x, y = probe_batch(run, probe_size, probe_seed)
     names = ntk_names(run)
-    module = run.trainable
-
-    def kernel(theta):
-        fixed = {n: t for n, t in theta.items() if n not in names}
-
-        def fn(p, xb):
-            return functional_call(module, {**fixed, **p}, (xb,))
-        return empirical_ntk(fn, {n: theta[n] for n in names}, x, form=form, method=method,
-                             memory_bytes=memory_bytes)
-    k0, k1 = kernel(run.theta0), kernel(run.theta)
+    k0, k1 = (kernel_at(run, theta, x, form, method, memory_bytes) for theta in (run.theta0, run.theta))
     t0, t1 = (k0, k1) if form == "trace" else (trace_form(k0), trace_form(k1))
     c = run.trainer.data.num_classes
     common = dict(env="pooled", role="train", split="out", form=form, probe_size=len(x), linear_run=run.linear,

@@ -19,12 +19,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from linft.analysis import distance, funcinterp, identity, interp, linearity, loading, ntk, soup, trend
+from linft.analysis import distance, funcinterp, identity, interp, linearity, loading, ntk, soup, trajectory, trend
 from linft.analysis.spec import Analysis, Option  # noqa: F401  (re-exported: what user analyses declare)
 from linft.errors import LinftError
 from linft.runs.store import ChildDir
 
-BUILTIN = (distance, interp, funcinterp, identity, linearity, ntk, trend, soup)
+BUILTIN = (distance, interp, funcinterp, identity, linearity, ntk, trajectory, trend, soup)
 _REGISTRY: dict[str, Analysis] = {}
 
 

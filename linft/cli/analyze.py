@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-_SHOW = ("env", "role", "split", "alpha", "t", "model", "definition", "form", "at", "endpoint_b", "n", "mode")
+_SHOW = ("env", "role", "split", "alpha", "t", "step", "model", "definition", "form", "at", "endpoint_b", "n", "mode")
 
 
 def _runs_help(lo: int, hi: int | None) -> str:
