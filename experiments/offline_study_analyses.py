@@ -3,13 +3,12 @@ analyses are read back, not recomputed, so this can run again while the study is
 
     python experiments/offline_study_analyses.py ROOT [--trajectory-seeds 0,1,2]
 
-- the fixed-steps tails at p = 0 and 0.9 of ``--seeds`` (pre-trained and random-init trunk): post-hoc
-  Taylor fidelity at t = 0.5, 1 (``linearity``), then the full [N, C, N, C] kernel distance on 16
-  probe examples (``ntk``);
-- every linearized run of ``--seeds`` with its standard twin (same n, p, seed, head start);
-- the pre-trained tails of the trajectory seeds and sizes: the barrier from theta0 to theta_ft in the
-  convex-combination form (``interp``) and fidelity / weight / kernel distance at every snapshot
-  along training (``trajectory``).
+- the fixed-steps tails at p = 0 and 0.9 of ``--seeds`` (pre-trained and random-init trunk), at their
+  final weights: post-hoc Taylor fidelity on 1,000 examples per split and the full [N, C, N, C]
+  kernel distance on 16 probe examples (``trajectory --steps 1500``);
+- the pre-trained tails of the trajectory seeds and sizes: the same at every snapshot along training;
+- the trajectory seeds' tails at n = 1,000: the barrier from theta0 to theta_ft in the
+  convex-combination form (``interp``, 11-point grid).
 """
 from __future__ import annotations
 
@@ -35,22 +34,18 @@ def finished(root: Path) -> list:
     return out
 
 
-def twin_key(cfg) -> tuple:
-    return (cfg.backbone, cfg.head_init, cfg.n_per_domain, cfg.p, cfg.seed, cfg.steps, cfg.lr)
-
-
 def plan(runs: list, seeds: set, traj_seeds: set, traj_sizes: set) -> list:
     """The jobs in priority order: what the claims need first (paper_notes.md section 11)."""
-    tails = {twin_key(c): f for f, c in runs if c.mode == "tail"}
-    fixed = [(f, c) for f, c in runs if c.mode == "tail" and c.steps == 1500 and c.head_init == "probe"
-             and c.seed in seeds and c.p in (0.0, 0.9)]
-    jobs = [("linearity", [f], {"ts": (0.5, 1.0)}) for f, c in fixed]
-    jobs += [("ntk", [f], NTK) for f, c in fixed]
-    jobs += [("linearity", [f, tails[twin_key(c)]], {}) for f, c in runs
-             if c.mode == "linear" and twin_key(c) in tails and c.seed in seeds]
+    fixed = [(f, c) for f, c in runs if c.mode == "tail" and c.steps == 1500 and c.seed in seeds
+             and c.head_init == "probe" and c.p in (0.0, 0.9)]
+    final = {"steps": (1500,), "max_examples": 1000, **NTK}
+    jobs = [("trajectory", [f], final) for f, c in fixed]  # final weights: Taylor error, kernel distance
     for f, c in fixed:
-        if c.snapshot_steps and c.seed in traj_seeds and c.n_per_domain in traj_sizes and c.backbone.endswith(".in1k"):
-            jobs += [("interp", [f], {}), ("trajectory", [f], NTK)]
+        if c.snapshot_steps and c.seed in traj_seeds and c.n_per_domain in traj_sizes:
+            jobs.append(("trajectory", [f], {"max_examples": 1000, **NTK}))  # every snapshot
+    for f, c in fixed:
+        if c.seed in traj_seeds and c.n_per_domain == 1000 and c.backbone.endswith(".in1k"):
+            jobs.append(("interp", [f], {"refine": False}))
     return jobs
 
 

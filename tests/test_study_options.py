@@ -128,7 +128,7 @@ def _probed_head(cfg) -> dict[str, torch.Tensor]:
 
 
 def test_probe_lr_gives_every_lr_one_probed_head(data_root):
-    base = tiny_config(data_root, mode="tail", head_init="probe", probe_steps=3)
+    base = tiny_config(data_root, mode="tail", head_init="probe", probe_steps=3, probe_dropout=False)
     default = [_probed_head(base.replace(lr=lr)) for lr in (0.05, 0.01)]
     assert not _equal(*default)  # 0: 10 x lr, so the heads differ
     shared = [_probed_head(base.replace(lr=lr, p=p, probe_lr=0.3)) for lr, p in ((0.05, 0.0), (0.01, 0.9))]
@@ -162,7 +162,7 @@ def _probe_by_hand(cfg) -> dict[str, torch.Tensor]:
 
 
 def test_probe_dropout_changes_the_probe(data_root):
-    base = tiny_config(data_root, mode="tail", head_init="probe", probe_steps=3, probe_lr=0.3)
+    base = tiny_config(data_root, mode="tail", head_init="probe", probe_steps=3, probe_lr=0.3, probe_dropout=False)
     for cfg in (base.replace(p=0.5), base.replace(p=0.5, probe_dropout=True)):
         got, want = _probed_head(cfg), _probe_by_hand(cfg)
         assert got.keys() == want.keys() and all(torch.allclose(got[n], want[n], atol=1e-6, rtol=0) for n in got), \
@@ -247,3 +247,15 @@ def test_invalid_value_on_the_command_line(data_root, tmp_path, capsys):
                "--backbone", "tiny_resnet", "--steps", "3", "--snapshot-steps", "1,4"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("linft: error:") and "snapshot_steps" in err
+
+
+def test_load_run_theta0_from_the_step0_snapshot_equals_the_probe_replay(data_root, tmp_path):
+    """load_run takes theta0 from snapshots/step_000000.pt when the run has it (no probe replay);
+    without it, the replay must give the same tensors bit for bit (LP-FT under dropout p = 0.5)."""
+    cfg = tiny_config(data_root, mode="tail", head_init="probe", probe_steps=3, p=0.5, snapshot_steps=(0,))
+    rd = train(cfg, tmp_path / "runs")
+    from_snapshot = load_run(rd.path).theta0
+    (rd.path / "snapshots" / "step_000000.pt").rename(tmp_path / "step0.pt")
+    replayed = load_run(rd.path).theta0
+    assert from_snapshot.keys() == replayed.keys()
+    assert all(torch.equal(from_snapshot[n], replayed[n]) for n in replayed)

@@ -104,9 +104,24 @@ def test_max_examples_subsets_every_split(runs):
     assert all(sizes[k] == min(4, full[k]) for k in full)
 
 
+def test_steps_option_and_a_run_without_snapshots(runs):
+    """``steps`` keeps only those points, each with the numbers of the whole analysis; a run without
+    snapshots has its final weights alone (step == steps)."""
+    last = analyze("trajectory", [runs["tail"]], steps=(4,), **F64)
+    assert {r["step"] for r in last} == {4}
+    whole = analyze("trajectory", [runs["tail"]], **F64)
+
+    def by_key(rows):
+        return {(r["metric"], r.get("env"), r.get("role"), r.get("split")): r["value"] for r in rows if r["step"] == 4}
+    a, b = by_key(last), by_key(whole)
+    assert a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=1e-12, abs_tol=1e-15) for k in a)
+    plain = analyze("trajectory", [runs["plain"]], **F64)
+    assert {r["step"] for r in plain} == {SHORT["steps"]} and _at(plain, SHORT["steps"], "kernel_distance") > 0
+
+
 def test_refusals(runs):
-    with pytest.raises(LinftError, match="has no snapshots"):
-        analyze("trajectory", [runs["plain"]])
+    with pytest.raises(LinftError, match="has no snapshot at step"):
+        analyze("trajectory", [runs["tail"]], steps=(3,))
     with pytest.raises(LinftError, match="linearized run.*kernel is constant"):
         analyze("trajectory", [runs["lin"]])
     with pytest.raises(LinftError, match="unknown option"):
@@ -121,6 +136,6 @@ def test_cli(runs, capsys):
     assert main(["analyze", "trajectory", "--run", str(runs["tail"]), "--probe-size", "8", "--form", "trace"]) == 0
     out = capsys.readouterr().out
     assert "analyses/trajectory-" in out and "kernel_distance" in out and "step=2" in out
-    assert main(["analyze", "trajectory", "--run", str(runs["plain"])]) == 2
+    assert main(["analyze", "trajectory", "--run", str(runs["tail"]), "--steps", "3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("linft: error:") and "no snapshots" in err
+    assert len(err.splitlines()) == 1 and err.startswith("linft: error:") and "no snapshot at step" in err

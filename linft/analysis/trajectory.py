@@ -18,7 +18,10 @@ reads the real trajectory theta_s, s = every snapshot step (sorted; the final we
   ([N, C, N, C], default) or ``trace`` ([N, N]); a full-form analysis also reports the distance of
   the traced kernels (``kernel_distance_trace``).
 
-Every row carries ``step``, ``form``, ``probe_size`` and ``definition="posthoc"``. A linearized run is
+``steps`` restricts the points (e.g. the last step alone: the final weights' fidelity and kernel
+distance on the same subset, for runs of a study compared across sizes); a run without snapshots
+has its final weights only. Every row carries ``step``, ``form``, ``probe_size`` and
+``definition="posthoc"``. A linearized run is
 refused: its kernel is J(theta0) at every theta (the distance is 0 by construction) and its Taylor
 model is the trained model itself. The analysis reads the raw trajectory, so it has no ``weights``
 option (the trajectory average is not a point of the trajectory).
@@ -49,15 +52,17 @@ def snapshot_files(run: LoadedRun) -> dict[int, object]:
     return rd.snapshots() if rd.snapshot_dir.is_dir() else {}
 
 
-def trajectory_points(run: LoadedRun) -> list[tuple[int, dict[str, torch.Tensor]]]:
-    """(step, theta_s) for every snapshot step, sorted, + the final weights at ``steps`` if no snapshot
-    is there; theta_s holds the trained parameters (run.theta's names, dtype and device)."""
+def trajectory_points(run: LoadedRun, steps: tuple[int, ...] = ()) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    """(step, theta_s) for every snapshot step (only ``steps`` when given), sorted, + the final weights
+    at ``cfg.steps`` if no snapshot is there (a run without snapshots: the final weights alone);
+    theta_s holds the trained parameters (run.theta's names, dtype and device)."""
     if run.linear:
         raise LinftError(f"{run.id} is a linearized run (mode {run.cfg.mode}): its kernel is constant (J(theta0) "
                          "at every theta) and its Taylor model is the trained model; run trajectory on a standard run")
-    files = snapshot_files(run)
-    if not files:
-        raise LinftError(f"{run.id} has no snapshots (snapshots/step_*.pt): train it with snapshot_steps set")
+    files = {s: f for s, f in snapshot_files(run).items() if not steps or s in steps}
+    if steps and set(steps) - set(files) - {run.cfg.steps}:
+        raise LinftError(f"{run.id} has no snapshot at step(s) {sorted(set(steps) - set(files) - {run.cfg.steps})}; "
+                         f"it has {sorted(snapshot_files(run))} and its final weights at {run.cfg.steps}")
     buffers = {n: t for n, t in run.trainable.state_dict().items() if n not in run.theta}
     points = []
     for step in sorted(files):
@@ -71,7 +76,7 @@ def trajectory_points(run: LoadedRun) -> list[tuple[int, dict[str, torch.Tensor]
                                  "(BatchNorm statistics must stay frozen)")
         points.append((step, {n: state[n].to(dtype=run.theta[n].dtype, device=run.theta[n].device)
                               for n in run.theta}))
-    if run.cfg.steps not in files:
+    if run.cfg.steps not in files and (not steps or run.cfg.steps in steps):
         points.append((run.cfg.steps, run.theta))
     return points
 
@@ -97,10 +102,10 @@ def _logits(module, params: dict, xs: dict[Key, torch.Tensor], batch: int = 256)
                           for i in range(0, len(x), batch)]) for k, x in xs.items()}
 
 
-def trajectory(runs, max_examples=1000, subset_seed=0, form="full", probe_size=32, probe_seed=0, engine="jvp",
-               method="auto", memory_bytes=2 ** 31, bn_policy="frozen"):
+def trajectory(runs, steps=(), max_examples=1000, subset_seed=0, form="full", probe_size=32, probe_seed=0,
+               engine="jvp", method="auto", memory_bytes=2 ** 31, bn_policy="frozen"):
     run = runs[0]
-    points = trajectory_points(run)
+    points = trajectory_points(run, tuple(steps))
     net = run.trainable
     lin = linearize(net, params0=run.theta0, engine=engine)
     lin.eval()
@@ -135,6 +140,8 @@ ANALYSIS = Analysis(
     "trajectory", trajectory, runs=(1, 1), common=False,
     help="along a run's snapshots: weight distance, post-hoc Taylor fidelity and NTK distance to theta0",
     options=tuple(o for o in COMMON_OPTIONS if o.name != "weights") + (
+        Option("steps", (), "only these steps (snapshot steps, or the run's last step: its final weights); "
+                            "empty: every snapshot and the final weights", item=int),
         Option("max_examples", 1000, "Taylor fidelity on at most this many examples per eval split (0: all)"),
         Option("subset_seed", 0, "seed of the examples kept per split"),
         Option("form", "full", "kernel form: full [N,C,N,C] or trace [N,N] (different numbers)",
