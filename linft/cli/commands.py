@@ -24,7 +24,7 @@ _HEAVY = {
                            "of one selection method",
                 "plot": "every figure the runs support (PNG, PDF and the CSV behind each)",
                 "report": "a report: summary and DomainBed-style tables (and figures for markdown)",
-                "study": "the offline study: convergence of every run, verdicts of its claims (95% t-intervals over "
+                "study": "the offline study: convergence of every run, verdicts of its claims (95%% t-intervals over "
                          "seeds), cells, paired differences and figures"},
     "analyze": {"analyze": "analyses of finished runs (distance, interpolation, Taylor fidelity, NTK, "
                            "soups, trends; `linft analyze --help` lists every kind)"},

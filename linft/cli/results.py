@@ -10,7 +10,7 @@ from linft.results.report import FORMATS, load_study, make_figures, write_report
 from linft.results.selection_frames import HPARAM_FIELDS, LEGACY_SELECTIONS, SELECTIONS
 
 
-STUDY_HELP = ("the offline study: convergence of every run, verdicts of its claims (95% t-intervals over "
+STUDY_HELP = ("the offline study: convergence of every run, verdicts of its claims (95%% t-intervals over "
               "seeds), cells, paired differences and figures")
 
 

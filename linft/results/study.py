@@ -156,10 +156,10 @@ def convergence(df: pd.DataFrame, runs: pd.DataFrame, chance: float = 10.0, tol:
         s23 = None
         if not earlier.empty:
             s23 = int(earlier.iloc[int(np.argmin(np.abs(earlier["step"].to_numpy() - 2 * last / 3)))]["step"])
-        rise = float(final["iid"] - c.loc[c["step"] == s23, "iid"].iloc[0]) if s23 is not None else math.nan
+        rise = round(float(final["iid"] - c.loc[c["step"] == s23, "iid"].iloc[0]), 9) if s23 is not None else math.nan
         lo = loss.loc[(loss["run"] == r.run) & (loss["step"] == last), "value"]
         train_loss = float(lo.iloc[-1]) if len(lo) else math.nan
-        drop = best - float(final["iid"])
+        drop = round(best - float(final["iid"]), 9)  # percent of fractions: 91.00000000000001 - 90 is 1
         if last < int(r.steps):
             why.append(f"last evaluation at step {last} < {int(r.steps)}")
         if not drop <= tol:
@@ -211,7 +211,8 @@ def values(df: pd.DataFrame, runs: pd.DataFrame, conv: pd.DataFrame, fidelity_ro
     long = pd.concat([acc.drop(columns="step"), m], ignore_index=True)
     keys = runs[["run", "arm", "protocol", "p", "n", "seed", "setting", "dataset", "backbone", "steps"]]
     out = keys.merge(long, on="run").merge(conv[["run", "converged"]], on="run", how="left")
-    out["converged"] = out["converged"].fillna(False).astype(bool)
+    out["converged"] = out["converged"].astype("boolean").fillna(False).astype(bool)
+    out["value"] = pd.to_numeric(out["value"], errors="coerce").astype(float)
     return out
 
 

@@ -20,7 +20,8 @@ a difference is paired by seed (same n, same protocol); an interval is the 95% t
   against log10 n of rel_err_l2 (linearity posthoc, t=1, pooled) and of kernel_distance (ntk, full
   form). Reproduced iff every slope CI > 0; contradicted iff any is < 0.
 - (f) the random trunk is nonlinear: per n, rel_err_l2(random trunk, p=0) - rel_err_l2(tail, p=0);
-  reproduced iff the CI lies above 0 at every size present; contradicted iff below 0 at any.
+  reproduced iff the CI lies above 0 at every size present (a size with one paired seed has no
+  CI: inconclusive); contradicted iff below 0 at any.
 
 Missing data (an arm or size absent, < 2 seeds) makes a verdict "inconclusive (missing: ...)".
 """
@@ -204,14 +205,19 @@ def claim_e(ctx) -> dict:
 def claim_f(ctx) -> dict:
     d = ctx.pair("f", "rel_err_l2(random trunk p=0) - rel_err_l2(tail p=0)",
                  ctx.select("random trunk", 0.0, quantity="rel_err_l2"), ctx.select("tail", 0.0, quantity="rel_err_l2"))
-    per = {n: iv for n, iv in by_size(d).items() if iv["n_seeds"] >= 2}
+    per = by_size(d)
     signs = [_sign(iv) for iv in per.values()]
-    if not per:
+    thin = [str(n) for n, iv in per.items() if iv["n_seeds"] < 2]
+    if not any(iv["n_seeds"] >= 2 for iv in per.values()):
         verdict = "inconclusive (missing: random trunk or pretrained tail rel_err_l2 with >= 2 paired seeds)"
+    elif -1 in signs:
+        verdict = "contradicted"
+    elif all(s == 1 for s in signs):
+        verdict = "reproduced"
     else:
-        verdict = "contradicted" if -1 in signs else "reproduced" if all(s == 1 for s in signs) else "inconclusive"
+        verdict = _with_missing("inconclusive", [f"n={', '.join(thin)} (< 2 paired seeds)"] if thin else [])
     return {"claim": "(f) the random trunk is nonlinear (rel_err_l2 above the pretrained tail's, p=0)",
-            "verdict": verdict, "numbers": _sizes_text(by_size(d), 3)}
+            "verdict": verdict, "numbers": _sizes_text(per, 3)}
 
 
 def claims(vals: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:

@@ -138,7 +138,8 @@ def _traj_rows(res: dict) -> pd.DataFrame:
     tr = df[(df["kind"] == "trajectory") & df["metric"].isin(TRAJ_METRICS)]
     parts = []
     for m, g in tr.groupby("metric"):
-        for col, want in (("env", "pooled"), ("role", "train"), ("form", "full"), ("level", "total")):
+        for col, want in (("env", "pooled"), ("role", "train"), ("form", "full"), ("level", "total"), ("t", 1.0),
+                          ("definition", "posthoc")):
             if col in g and (g[col] == want).any():
                 g = g[g[col] == want]
         parts.append(g)
