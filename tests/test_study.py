@@ -150,7 +150,7 @@ def test_claim_a(delta, verdict):
     v, table, paired, _, _ = verdicts(frame(_a(delta)))
     assert v["a"] == verdict
     row = table[table["claim"].str.startswith("(a)")].iloc[0]
-    assert "n=100:" in row["numbers"] and "(S=5)" in row["numbers"] and row["excluded_runs"] == 0
+    assert "n=100:" in row["numbers"] and "(S=5)" in row["numbers"] and row["excluded_runs"] == 0 and row["seeds"] == "5"
     d = paired[(paired["claim"] == "a") & (paired["n"] == 100)]
     assert len(d) == 5 and np.allclose(d["diff"], d["value_a"] - d["value_b"])
 
@@ -213,7 +213,7 @@ def test_non_converged_run_is_excluded_and_counted():
     df.loc[bad & (df["step"] == 1000), "value"] = 0.95  # a 5-point rise after 2/3 of the steps
     v, table, paired, _, vals = verdicts(df)
     row = table[table["claim"].str.startswith("(a)")].iloc[0]
-    assert row["excluded_runs"] == 1 and v["a"] == "reproduced"
+    assert row["excluded_runs"] == 1 and v["a"] == "reproduced" and row["seeds"] == "4-5"
     assert set(paired[(paired["claim"] == "a") & (paired["n"] == 100)]["seed"]) == {1, 2, 3, 4}
     cell = st.cells(vals).query("arm == 'tail' and p == 0.9 and n == 100 and model == 'current'").iloc[0]
     assert cell["ood_n_seeds"] == 4 and cell["ood_n_excluded"] == 1

@@ -53,7 +53,8 @@ class _Ctx:
         g = g[g["converged"]]
         several = g.groupby("n")["setting"].nunique()
         for n in several[several > 1].index:
-            self.notes.append(f"{arm} p={p:g} n={n}: several settings ({', '.join(sorted(g[g['n'] == n]['setting'].unique()))}), left out")
+            names = ", ".join(sorted(g.loc[g["n"] == n, "setting"].unique()))
+            self.notes.append(f"{arm} p={p:g} n={n}: several settings ({names}), left out")
         g = g[~g["n"].isin(several[several > 1].index)]
         return g[["n", "seed", "run", "value"]]
 
@@ -173,7 +174,9 @@ def claim_d(ctx, p: float) -> dict:
     iv0 = per.get(100, st.interval([]))
     match = 0
     if iv0["n_seeds"] >= 2:
-        match = 1 if (iv0["lo"] >= -MARGIN and iv0["hi"] <= MARGIN) else -1 if (iv0["hi"] < -MARGIN or iv0["lo"] > MARGIN) else 0
+        inside = iv0["lo"] >= -MARGIN and iv0["hi"] <= MARGIN
+        outside = iv0["hi"] < -MARGIN or iv0["lo"] > MARGIN
+        match = 1 if inside else -1 if outside else 0
     siv, stext = _slope_iv(ctx, "d", f"g(n) p={p:g}", g)
     grow = _sign(siv)
     missing = ([] if iv0["n_seeds"] >= 2 else ["n=100 (< 2 paired seeds)"]) + \
@@ -220,13 +223,22 @@ def claim_f(ctx) -> dict:
             "verdict": verdict, "numbers": _sizes_text(per, 3)}
 
 
+def _seeds(paired: list[pd.DataFrame]) -> str:
+    """The numbers of seeds behind a claim's intervals (per size and comparison; slopes: seeds fitted)."""
+    counts = [int(c) for p in paired if len(p) for c in
+              (p.groupby(["comparison", "n"]).size() if "n" in p else [len(p)])]
+    if not counts:
+        return "0"
+    return str(min(counts)) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+
+
 def claims(vals: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """The claims table (claim, verdict, numbers, excluded runs), every paired difference used,
+    """The claims table (claim, verdict, numbers, seeds, excluded runs), every paired difference used,
     and notes (cells left out for holding several settings)."""
     rows, paired, notes = [], [], set()
     for fn in (claim_a, claim_b, claim_c, lambda c: claim_d(c, 0.9), lambda c: claim_d(c, 0.0), claim_e, claim_f):
         ctx = _Ctx(vals)
-        rows.append({**fn(ctx), "excluded_runs": len(ctx.excluded)})
+        rows.append({**fn(ctx), "seeds": _seeds(ctx.paired), "excluded_runs": len(ctx.excluded)})
         paired += [p for p in ctx.paired if len(p)]
         notes |= set(ctx.notes)
     return pd.DataFrame(rows), pd.concat(paired, ignore_index=True) if paired else pd.DataFrame(), sorted(notes)
@@ -267,7 +279,6 @@ def write_study(root, out_dir, fixed_steps: int, epochs: float, curves_n: int = 
         text += ["\n## Notes\n"] + [f"- {n}\n" for n in res["notes"]]
     paths = [out / "claims.md", out / "cells.csv", out / "paired.csv", out / "convergence.csv"]
     paths[0].write_text("".join(text))
-    res["cells"].to_csv(paths[1], index=False)
-    res["paired"].to_csv(paths[2], index=False)
-    conv.to_csv(paths[3], index=False)
+    for frame, path in zip((res["cells"], res["paired"], conv), paths[1:]):
+        frame.round(6).to_csv(path, index=False)
     return paths + study_plots.figures(res, out / "figures", curves_n, fixed_steps, epochs)
