@@ -88,7 +88,7 @@ def _study(args) -> int:
     if args.fixed_steps < 1 or args.epochs <= 0:
         raise LinftError("--fixed-steps must be >= 1 and --epochs > 0")
     for p in write_study(args.root, args.out, args.fixed_steps, args.epochs, curves_n=args.curves_n,
-                         n_all=args.n_all, chance=args.chance):
+                         n_all=args.n_all, chance=args.chance, fidelity_role=args.fidelity_role):
         print(p)
     return 0
 
@@ -132,4 +132,7 @@ def register(sub) -> None:
     p.add_argument("--chance", type=float, default=10.0,
                    help="chance accuracy in percent (the convergence rule asks iid > chance + 10; default 10: "
                         "Digits' 10 classes)")
+    p.add_argument("--fidelity-role", default="train", choices=("train", "test"),
+                   help="the pooled Taylor-fidelity rows claims (e) and (f) read: train = the training domains' "
+                        "held-out split (where the NTK probe is drawn), test = the test domains")
     p.set_defaults(func=_study)

@@ -28,6 +28,10 @@ Definitions (accuracies in percent, differences in points):
 - **interval**: over seeds only: mean +- t_{0.975, S-1} * sd(ddof=1) / sqrt(S) for S seeds (none
   for S < 2); a comparison of two arms is the interval of the per-seed paired difference (same
   seed, same n, same protocol). Different n, p or arms are never pooled.
+- **rel_err_l2** = ||f - f_lin|| / ||f - f0|| (the fraction of the function change the Taylor model
+  misses), from the linearity analysis: definition posthoc, t = 1, env pooled, role train (the
+  training domains' held-out split, where the NTK probe is drawn; ``fidelity_role="test"``: the
+  test domains). **kernel distance**: ntk analysis, form full. Per run, from its final weights.
 - **slope vs n**: per seed, the least-squares slope of a quantity against log10 n over the sizes
   that seed has; the interval is over the seeds' slopes.
 """
@@ -140,9 +144,12 @@ def convergence(df: pd.DataFrame, runs: pd.DataFrame, chance: float = 10.0, tol:
     cur = acc[acc["model"] == "current"]
     own = _own(df)
     loss = own[(own["kind"] == "train") & (own["metric"] == "loss")]
+    curve_of = {k: g.sort_values("step") for k, g in cur.groupby("run")}
+    loss_of = {k: g for k, g in loss.groupby("run")}
+    none = cur.iloc[:0]
     out = []
     for r in runs.drop_duplicates("run").itertuples(index=False):
-        c = cur[cur["run"] == r.run].sort_values("step")
+        c = curve_of.get(r.run, none)
         rec = {"run": r.run, "arm": r.arm, "p": r.p, "n": r.n, "seed": r.seed, "steps": r.steps, "state": r.state,
                "setting": r.setting}
         why = [] if r.state == "done" else [f"state {r.state}"]
@@ -157,7 +164,8 @@ def convergence(df: pd.DataFrame, runs: pd.DataFrame, chance: float = 10.0, tol:
         if not earlier.empty:
             s23 = int(earlier.iloc[int(np.argmin(np.abs(earlier["step"].to_numpy() - 2 * last / 3)))]["step"])
         rise = round(float(final["iid"] - c.loc[c["step"] == s23, "iid"].iloc[0]), 9) if s23 is not None else math.nan
-        lo = loss.loc[(loss["run"] == r.run) & (loss["step"] == last), "value"]
+        lo = loss_of.get(r.run, loss.iloc[:0])
+        lo = lo.loc[lo["step"] == last, "value"]
         train_loss = float(lo.iloc[-1]) if len(lo) else math.nan
         drop = round(best - float(final["iid"]), 9)  # percent of fractions: 91.00000000000001 - 90 is 1
         if last < int(r.steps):

@@ -244,8 +244,11 @@ def claims(vals: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     return pd.DataFrame(rows), pd.concat(paired, ignore_index=True) if paired else pd.DataFrame(), sorted(notes)
 
 
-def analyse(root, fixed_steps: int, epochs: float, n_all: int | None = None, chance: float = 10.0):
-    """Everything write_study writes, computed (nothing written): a dict of DataFrames."""
+def analyse(root, fixed_steps: int, epochs: float, n_all: int | None = None, chance: float = 10.0,
+            fidelity_role: str = "train"):
+    """Everything write_study writes, computed (nothing written): a dict of DataFrames.
+    ``fidelity_role``: the pooled Taylor-fidelity row claims (e), (f) read (train: the training
+    domains' held-out split, the split the NTK probe is drawn from; test: the test domains)."""
     from linft.results.collect import load_rows, run_folders
     if not run_folders(root):
         raise LinftError(f"no run folders under {str(root)!r} (a run is a folder holding config.json)")
@@ -254,23 +257,26 @@ def analyse(root, fixed_steps: int, epochs: float, n_all: int | None = None, cha
         raise LinftError(f"no run rows under {str(root)!r}")
     runs = st.runs_table(df, fixed_steps, epochs, n_all)
     conv = st.convergence(df, runs, chance=chance)
-    vals = st.values(df, runs, conv)
+    vals = st.values(df, runs, conv, fidelity_role)
     table, paired, notes = claims(vals)
     return {"rows": df, "runs": runs, "convergence": conv, "values": vals, "cells": st.cells(vals),
             "claims": table, "paired": paired, "notes": notes, "best_p": best_p(vals)}
 
 
 def write_study(root, out_dir, fixed_steps: int, epochs: float, curves_n: int = 1000, n_all: int | None = None,
-                chance: float = 10.0) -> list[Path]:
-    """claims.md, cells.csv, paired.csv, convergence.csv and the figures under ``out_dir``."""
+                chance: float = 10.0, fidelity_role: str = "train") -> list[Path]:
+    """claims.md, cells.csv, paired.csv, convergence.csv and the figures under ``out_dir``
+    (arguments: :func:`analyse`; ``curves_n``: the size of the training-curve figures, with the
+    largest size)."""
     from linft.results import study_plots
     from linft.results.collect import to_markdown
-    res = analyse(root, fixed_steps, epochs, n_all, chance)
+    res = analyse(root, fixed_steps, epochs, n_all, chance, fidelity_role)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     conv = res["convergence"]
     n_bad = int((~conv["converged"]).sum()) if len(conv) else 0
     text = [f"# Offline study: claims\n\nfixed-steps = {fixed_steps} steps, fixed-epochs = {epochs:g} epochs; "
+            f"Taylor fidelity: pooled {'i.i.d. held-out' if fidelity_role == 'train' else 'o.o.d.'} rows; "
             f"{len(conv)} runs, {n_bad} not converged (excluded; convergence.csv says why). Numbers: per size, "
             "mean [95% t-interval over seeds] (S = seeds) of the paired difference, in accuracy points "
             "(rel_err_l2, kernel distance: fractions).\n", to_markdown(res["claims"]),
