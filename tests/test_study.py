@@ -290,7 +290,8 @@ def test_linearity_and_trajectory_figures(tmp_path):
     tr = [dict(r, kind="trajectory", analysis="trajectory-a", step=step, metric=m, value=step / 1000 + noise(r["run"], m),
                env="pooled", form=form) for r in own.drop(columns=["kind", "metric", "value", "step"]).to_dict("records")
           for step in (0, 250, 1000) for m in study_plots.TRAJ_METRICS for form in ("full", "trace")]
-    df = pd.concat([df, pd.DataFrame(tr)], ignore_index=True)
+    short = pd.DataFrame(run_rows("short", p=0.0, n=100, steps=300))  # neither protocol: its own curves figure
+    df = pd.concat([df, pd.DataFrame(tr), short], ignore_index=True)
     runs = st.runs_table(df, STEPS, None)
     conv = st.convergence(df, runs)
     vals = st.values(df, runs, conv)
@@ -298,7 +299,7 @@ def test_linearity_and_trajectory_figures(tmp_path):
     paths = study_plots.figures(res, tmp_path, curves_n=100)
     names = {p.name for p in paths}
     assert {"linearity_vs_n.png", "trajectory.png", "ood_vs_n.png", "curves_fixed-steps_n100.png",
-            "curves_fixed-steps_n300.png"} <= names
+            "curves_fixed-steps_n300.png", "curves_steps=300_n100.png"} <= names
     traj = pd.read_csv(tmp_path / "trajectory.csv")
     assert set(traj["step"]) == {250, 1000} and set(traj["n_seeds"]) == {2}  # log x: step 0 left out; full form only
     assert set(traj["metric"]) == set(study_plots.TRAJ_METRICS)

@@ -190,8 +190,9 @@ def figures(res: dict, out_dir, curves_n: int = 1000, fixed_steps=None, epochs=N
     paths = []
     runs = res["runs"]
     sizes = sorted({curves_n, int(runs["n"].max())}) if len(runs) else []
-    for n in sizes:
-        for proto in (st.FIXED_STEPS, st.FIXED_EPOCHS):
+    for n in sizes:  # the two protocols, then any other step count at that n (e.g. short full fine-tuning)
+        here = set(runs.loc[runs["n"] == n, "protocol"])
+        for proto in [st.FIXED_STEPS, st.FIXED_EPOCHS] + sorted(here - {st.FIXED_STEPS, st.FIXED_EPOCHS}):
             paths += curves_figure(res, n, proto, out_dir)
     for fn in (ood_vs_n_figure, linearity_figure, trajectory_figure):
         paths += fn(res, out_dir)
