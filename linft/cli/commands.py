@@ -23,7 +23,9 @@ _HEAVY = {
                 "collect": "all rows of a runs folder as one long table (CSV or Parquet), and the o.o.d. table "
                            "of one selection method",
                 "plot": "every figure the runs support (PNG, PDF and the CSV behind each)",
-                "report": "a report: summary and DomainBed-style tables (and figures for markdown)"},
+                "report": "a report: summary and DomainBed-style tables (and figures for markdown)",
+                "study": "the offline study: convergence of every run, verdicts of its claims (95%% t-intervals over "
+                         "seeds), cells, paired differences and figures"},
     "analyze": {"analyze": "analyses of finished runs (distance, interpolation, Taylor fidelity, NTK, "
                            "soups, trends; `linft analyze --help` lists every kind)"},
 }

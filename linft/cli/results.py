@@ -10,6 +10,10 @@ from linft.results.report import FORMATS, load_study, make_figures, write_report
 from linft.results.selection_frames import HPARAM_FIELDS, LEGACY_SELECTIONS, SELECTIONS
 
 
+STUDY_HELP = ("the offline study: convergence of every run, verdicts of its claims (95%% t-intervals over "
+              "seeds), cells, paired differences and figures")
+
+
 def _source(args) -> dict:
     return {"root": args.root, "domainbed": args.domainbed}
 
@@ -79,6 +83,16 @@ def _soup(args) -> int:
     return 0
 
 
+def _study(args) -> int:
+    from linft.results.study_claims import write_study
+    if args.fixed_steps < 1 or args.epochs <= 0:
+        raise LinftError("--fixed-steps must be >= 1 and --epochs > 0")
+    for p in write_study(args.root, args.out, args.fixed_steps, args.epochs, curves_n=args.curves_n,
+                         n_all=args.n_all, chance=args.chance, fidelity_role=args.fidelity_role):
+        print(p)
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("soup", help="uniform soup, greedy soup and output ensemble of finished runs")
     p.add_argument("--root", default=None, help="accepted and unused: a soup is stored under its first member "
@@ -103,3 +117,22 @@ def register(sub) -> None:
     p.add_argument("--format", default="markdown", choices=tuple(FORMATS))
     _add_hparams(p)
     p.set_defaults(func=_report)
+    p = sub.add_parser("study", help=STUDY_HELP)
+    p.add_argument("root", help="the study's runs root (one folder per run, analyses under each)")
+    p.add_argument("--out", default="study", help="output folder (claims.md, cells.csv, paired.csv, "
+                   "convergence.csv, figures/)")
+    p.add_argument("--fixed-steps", type=int, required=True, metavar="S",
+                   help="the fixed-steps protocol: runs of S steps at every n")
+    p.add_argument("--epochs", type=float, required=True, metavar="E",
+                   help="the fixed-epochs protocol: runs of round(E * n / batch_size) steps")
+    p.add_argument("--curves-n", type=int, default=1000, metavar="N",
+                   help="training-curve figures at this n (and at the largest n)")
+    p.add_argument("--n-all", type=int, default=None, metavar="N",
+                   help="the n of runs with n_per_domain=0 (all of the 'in' split)")
+    p.add_argument("--chance", type=float, default=10.0,
+                   help="chance accuracy in percent (the convergence rule asks iid > chance + 10; default 10: "
+                        "Digits' 10 classes)")
+    p.add_argument("--fidelity-role", default="train", choices=("train", "test"),
+                   help="the pooled Taylor-fidelity rows claims (e) and (f) read: train = the training domains' "
+                        "held-out split (where the NTK probe is drawn), test = the test domains")
+    p.set_defaults(func=_study)

@@ -12,7 +12,8 @@ from linft.errors import LinftError
 from linft.runs.config import RunConfig
 
 CONFIG_COLUMNS = ("dataset", "backbone", "mode", "k", "p", "head_init", "lr", "weight_decay", "steps",
-                  "last_layer_lr_mult", "n_per_domain", "seed", "trial_seed", "resolution", "augment")
+                  "last_layer_lr_mult", "n_per_domain", "seed", "trial_seed", "resolution", "augment",
+                  "batch_size")
 
 
 def run_folders(root: str | Path) -> list[Path]:
