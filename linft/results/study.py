@@ -188,23 +188,37 @@ def convergence(df: pd.DataFrame, runs: pd.DataFrame, chance: float = 10.0, tol:
 
 
 def measures(df: pd.DataFrame, fidelity_role: str = "train") -> pd.DataFrame:
-    """Per run: rel_err_l2 (linearity, definition posthoc, t=1, env pooled, role ``fidelity_role``:
-    train = the training domains' held-out split) and kernel_distance (ntk, form full); the mean
-    if several analyses of a run give it."""
-    parts = []
+    """Per run, at its final weights: rel_err_l2 (definition posthoc, env pooled, role
+    ``fidelity_role``: train = the training domains' held-out split) and kernel_distance (form
+    full), from the trajectory analysis's rows at the run's last step where it has them (the same
+    example subset and probe for every run), else from linearity (t=1) and ntk; the mean if several
+    analyses of one source give it."""
+    empty = pd.DataFrame(columns=["run", "quantity", "value"])
     if "kind" not in df:
-        return pd.DataFrame(columns=["run", "quantity", "value"])
-    lin = df[df["kind"] == "linearity"]
-    if len(lin) and {"definition", "t", "env", "role"} <= set(lin):
-        lin = lin[(lin["definition"] == "posthoc") & (pd.to_numeric(lin["t"]) == 1.0) & (lin["env"] == "pooled")
-                  & (lin["role"] == fidelity_role) & (lin["metric"] == "rel_err_l2")]
-        parts.append(lin.groupby("run")["value"].mean().rename("rel_err_l2"))
-    ntk = df[df["kind"] == "ntk"]
-    if len(ntk) and "form" in ntk:
-        ntk = ntk[(ntk["form"] == "full") & (ntk["metric"] == "kernel_distance")]
-        parts.append(ntk.groupby("run")["value"].mean().rename("kernel_distance"))
+        return empty
+
+    def pick(kind: str, metric: str, **where) -> pd.Series:
+        part = df[(df["kind"] == kind) & (df["metric"] == metric)]
+        for col, value in where.items():
+            if col not in part:
+                return pd.Series(dtype=float)
+            part = part[pd.to_numeric(part[col], errors="coerce") == value] if isinstance(value, float) \
+                else part[part[col] == value]
+        return part.groupby("run")["value"].mean()
+
+    fid = dict(definition="posthoc", env="pooled", role=fidelity_role)
+    traj = df[df["kind"] == "trajectory"] if "step" in df else df.iloc[:0]
+    if len(traj) and "steps" in traj:
+        traj = traj[pd.to_numeric(traj["step"]) == pd.to_numeric(traj["steps"])]
+    last = df.drop(df[df["kind"] == "trajectory"].index) if len(df) else df
+    df_saved, df = df, pd.concat([last, traj])
+    rel = pick("trajectory", "rel_err_l2", **fid).combine_first(pick("linearity", "rel_err_l2", t=1.0, **fid))
+    ker = pick("trajectory", "kernel_distance", form="full").combine_first(
+        pick("ntk", "kernel_distance", form="full"))
+    df = df_saved
+    parts = [x.rename(q) for x, q in ((rel, "rel_err_l2"), (ker, "kernel_distance")) if len(x)]
     if not parts:
-        return pd.DataFrame(columns=["run", "quantity", "value"])
+        return empty
     m = pd.concat(parts, axis=1).reset_index().melt(id_vars="run", var_name="quantity", value_name="value")
     return m.dropna(subset=["value"])
 
