@@ -15,5 +15,5 @@ done
 echo "== analyses $(date -u +%H:%M:%S)"
 $PY experiments/offline_study_analyses.py "$ROOT"
 echo "== results $(date -u +%H:%M:%S)"
-$PY -m linft results study "$ROOT" --out figures/offline_study --fixed-steps 1500 --epochs 4.8
+$PY -m linft study "$ROOT" --out figures/offline_study --fixed-steps 1500 --epochs 4.8
 echo "== done $(date -u +%H:%M:%S)"

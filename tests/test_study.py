@@ -110,6 +110,8 @@ def test_slope_is_least_squares_in_log10_n():
     ([80, 85, 87, 89, 90], 0.05, False, "rose 1.00 points"),  # a rise of exactly 1.0 is not "less than 1"
     ([80, 88, 90, 90, 90], float("nan"), False, "train loss"),
     ([15, 18, 19, 19, 19], 0.05, False, "chance"),
+    ([75, 10, 21, 21, 21], 0.05, False, "collapsed"),  # an LP-FT start that fell and stayed (48 px pilot)
+    ([75, 70, 66, 66, 66], 0.05, True, ""),            # 9 points below its start: not a collapse
 ])
 def test_convergence_rule_on_constructed_curves(iid, loss, converged, why):
     df = pd.DataFrame(run_rows("r", iid=iid, loss=loss))

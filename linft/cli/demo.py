@@ -45,7 +45,7 @@ def _analyses(paths: dict) -> list[tuple[str, list, dict]]:
 def run_demo(out: str | Path = "linft-demo", figures: str | Path | None = None, jobs: int = 2) -> Path:
     from linft.analysis.registry import analyze
     from linft.results.report import write_report
-    from linft.results.study import write_study
+    from linft.results.study_claims import write_study
     from linft.sweeps.grid import Experiment, launch
     t0 = time.perf_counter()
     out = Path(out)

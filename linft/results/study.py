@@ -23,7 +23,9 @@ Definitions (accuracies in percent, differences in points):
   more than ``tol`` = 1.0 point below the best iid of the second half of training (evaluations at
   step >= last/2), it rose by less than ``tol`` between the evaluation nearest 2/3 of the steps
   (the last one excluded) and the end, its final train loss (mean since the previous evaluation) is
-  finite, and its final iid exceeds chance + 10 points. Only converged runs enter a cell, a paired
+  finite, its final iid exceeds chance + 10 points, and (a run whose step-0 iid already exceeds
+  that: an LP-FT start) it has not collapsed: its final iid is at most 10 points below its step-0
+  iid (at 48 px p = 0.9 at too large a step falls from ~75% to ~21% and stays). Only converged runs enter a cell, a paired
   difference or a verdict; the others are listed with the reason and counted.
 - **interval**: over seeds only: mean +- t_{0.975, S-1} * sd(ddof=1) / sqrt(S) for S seeds (none
   for S < 2); a comparison of two arms is the interval of the per-seed paired difference (same
@@ -49,6 +51,7 @@ FIXED_STEPS, FIXED_EPOCHS = "fixed-steps", "fixed-epochs"
 MODELS = ("current", "traj_avg", "traj_ens")
 TOL = 1.0            # points: the plateau tolerance of the convergence rule
 ABOVE_CHANCE = 10.0  # points above chance a converged run's iid must exceed
+COLLAPSE = 10.0      # points: a run that starts above chance + 10 (an LP-FT head) may not end this far below it
 _ARM_FIELDS = ("mode", "backbone", "head_init", "p", "n_per_domain", "seed", "steps")
 SETTING_FIELDS = tuple(c for c in (*CONFIG_COLUMNS, "test_env") if c not in _ARM_FIELDS)
 
@@ -180,6 +183,10 @@ def convergence(df: pd.DataFrame, runs: pd.DataFrame, chance: float = 10.0, tol:
             why.append("final train loss " + ("missing" if not len(lo) else f"{train_loss}"))
         if not float(final["iid"]) > chance + ABOVE_CHANCE:
             why.append(f"iid {final['iid']:.1f} <= chance + {ABOVE_CHANCE:g}")
+        start = c.loc[c["step"] == 0, "iid"]
+        if len(start) and float(start.iloc[0]) > chance + ABOVE_CHANCE and \
+                float(final["iid"]) < float(start.iloc[0]) - COLLAPSE:
+            why.append(f"collapsed: iid {final['iid']:.1f} vs {float(start.iloc[0]):.1f} at step 0")
         out.append({**rec, "final_step": last, "iid": float(final["iid"]), "ood": float(final["ood"]),
                     "best_iid_second_half": best, "drop_from_best": drop, "step_2_3": s23,
                     "rise_since_2_3": rise, "train_loss": train_loss, "converged": not why, "why": "; ".join(why)})

@@ -11,7 +11,7 @@ from typing import Any
 
 SCHEMA: dict[str, str] = {
     "run": "run id the row belongs to (the folder name, '<mode>-<sha256[:12]>')",
-    "kind": "train | eval | select | distance | interp | funcinterp | identity | linearity | ntk | trend | soup | ...",
+    "kind": "train | eval | select | distance | interp | funcinterp | identity | linearity | ntk | trajectory | trend | soup | ...",
     "step": "optimisation step (int); for 'select' rows the step the selection chose",
     "alpha": "interpolation coefficient in [0, 1] along a path from endpoint_a (0) to endpoint_b (1)",
     "t": "fraction of the fine-tuning delta (Taylor fidelity along theta0 + t (theta - theta0))",
