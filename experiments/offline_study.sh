@@ -7,7 +7,7 @@ ROOT=${ROOT:-runs/offline_study}
 CACHE=${CACHE:-.linft_cache}
 PY=${PY:-python}
 export OMP_NUM_THREADS=1
-for variant in paper linear random_trunk rates arms epochs linear_p0; do
+for variant in paper linear random_trunk rates arms epochs linear_p0 long; do
   echo "== $variant $(date -u +%H:%M:%S)"
   $PY -m linft sweep launch experiments/offline_study.toml --variant "$variant" --root "$ROOT" \
       --cache-dir "$CACHE" --jobs 2

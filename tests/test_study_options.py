@@ -259,3 +259,22 @@ def test_load_run_theta0_from_the_step0_snapshot_equals_the_probe_replay(data_ro
     replayed = load_run(rd.path).theta0
     assert from_snapshot.keys() == replayed.keys()
     assert all(torch.equal(from_snapshot[n], replayed[n]) for n in replayed)
+
+
+def test_unfolded_on_a_backbone_with_a_neck_has_a_head_of_the_blocks_width():
+    """EfficientNet's tail is blocks (320 units) + a neck to 1280: Eq. 1 sums the blocks' own pooled
+    outputs, so the unfolded model's head takes 320 inputs (it used to get the 1280-wide head and
+    fail at the first forward)."""
+    from linft.runs.config import RunConfig
+    from linft.training.pipeline import build_pipeline
+    cfg = RunConfig(dataset="Digits", backbone="efficientnet_lite0.random", mode="unfolded", k=1, resolution=32)
+    pipe = build_pipeline(cfg, 10, torch.device("cpu"))
+    with torch.no_grad():
+        out = pipe.trainable(pipe.post(pipe.pre(torch.zeros(2, 3, 32, 32))))
+    assert out.shape == (2, 10) and pipe.trainable.head.fc.in_features == 320
+
+
+def test_unfolded_with_a_probed_head_is_refused():
+    from linft.runs.config import RunConfig
+    with pytest.raises(ConfigError, match="head_init=probe is not supported"):
+        RunConfig(mode="unfolded", head_init="probe")

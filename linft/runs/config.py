@@ -302,6 +302,9 @@ def _validate(c: RunConfig) -> None:
     need(not (c.feature_cache and mode.trunk_trains),
          f"mode {c.mode!r} trains the trunk, so it cannot read cached trunk features")
     need(not (mode.head_is_trainable and c.head_init == "probe"), f"mode {c.mode!r} already trains the head alone")
+    need(not (mode.calibrate and c.head_init == "probe"),
+         f"mode {c.mode!r} with head_init=probe is not supported (its representation is calibrated after the "
+         "head is initialised); use head_init=random")
     need(c.loader in LOADERS, f"loader must be one of {LOADERS}, got {c.loader!r}")
     need(not c.lin_primal_cache or (mode.linearized and c.feature_cache and c.lin_engine == "onepass"),
          "lin_primal_cache needs mode 'linear', feature_cache=true (fixed inputs) and lin_engine 'onepass'")

@@ -73,7 +73,10 @@ def _unfolded(sp: Split, spec, cfg, num_classes):
     with torch.no_grad():
         _, k, width = post(pre(torch.zeros(1, 3, res, res))).shape
     trainable = UnfoldedModel([width] * k, num_classes, cfg.p)
-    trainable.head = sp.head
+    if sp.head.fc.in_features == width:  # no neck: the backbone's new head (the other modes' init)
+        trainable.head = sp.head
+    # else (EfficientNet: blocks of 320 units, a neck to 1280): Eq. 1 sums the blocks' own outputs,
+    # so the head is UnfoldedModel's, on the blocks' width
     return pre, post, trainable
 
 
