@@ -38,6 +38,7 @@ def plan(runs: list, seeds: set, traj_seeds: set, traj_sizes: set) -> list:
     """The jobs in priority order: what the claims need first (paper_notes.md section 11)."""
     fixed = [(f, c) for f, c in runs if c.mode == "tail" and c.steps == 1500 and c.seed in seeds
              and c.head_init == "probe" and c.p in (0.0, 0.9)]
+    fixed.sort(key=lambda fc: (not fc[1].backbone.endswith(".random"), fc[1].seed))  # the control first, then by seed
     final = {"steps": (1500,), "max_examples": 1000, **NTK}
     jobs = [("trajectory", [f], final) for f, c in fixed]  # final weights: Taylor error, kernel distance
     for f, c in fixed:

@@ -69,7 +69,7 @@ class RunData:
             images, labels = self.stores[s.env].tensors(self.device)
             for split in ("in", "out"):
                 idx = s.indices(split)
-                if cfg.eval_limit and len(idx) > cfg.eval_limit:
+                if self.cfg.eval_limit and len(idx) > self.cfg.eval_limit:
                     raise ConfigError("eval_limit is not implemented for loader=device; use loader=pil")
                 if len(idx):
                     self.eval_loaders[(s.env, split)] = DeviceSplit(images, labels, idx, 256, self.eval_tf,
