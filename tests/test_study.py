@@ -314,3 +314,15 @@ def test_claim_f_size_with_one_seed_has_no_interval():
     df = df[~df["run"].str.startswith("random trunk-0.0-300-") | df["run"].str.endswith("-0")]
     v = verdicts(df)[0]["f"]
     assert v.startswith("inconclusive (missing: n=300")
+
+
+def test_claim_f_needs_every_trained_size_not_only_the_converged_ones():
+    """The random trunk trained at every size but converged at some only: 'every size' is not met."""
+    def rel(arm, p, n, s):
+        return 0.2 + noise("r", arm, p, n, s, scale=0.02) + (0.3 if arm == "random trunk" else 0)
+    df = frame(rel=rel, ps=(0.0,), arms=("tail", "random trunk"))
+    big = df["run"].str.startswith("random trunk") & df["run"].str.contains(f"-{NS[-1]}-") & (df["kind"] == "eval") \
+        & (df["role"] == "train") & (df["split"] == "out")
+    df.loc[big & (df["step"] == 1000), "value"] = 0.97  # a 7-point rise at the end: not converged
+    got = verdicts(df)[0]["f"]
+    assert got.startswith("inconclusive") and f"n={NS[-1]}" in got, got

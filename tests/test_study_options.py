@@ -278,3 +278,14 @@ def test_unfolded_with_a_probed_head_is_refused():
     from linft.runs.config import RunConfig
     with pytest.raises(ConfigError, match="head_init=probe is not supported"):
         RunConfig(mode="unfolded", head_init="probe")
+
+
+def test_trained_pair_accepts_a_standard_run_with_snapshots(data_root, tmp_path):
+    """A study's standard tail keeps snapshots and its linearized twin does not: the trained-pair
+    analysis compares them anyway (snapshot_steps changes no weight)."""
+    from linft.analysis.registry import analyze
+    base = tiny_config(data_root, head_init="probe", probe_steps=3, probe_dropout=False)
+    tail = train(base.replace(mode="tail", snapshot_steps=(0, 2)), tmp_path / "runs").path
+    lin = train(base.replace(mode="linear"), tmp_path / "runs").path
+    rows = analyze("linearity", [str(lin), str(tail)])
+    assert {r["metric"] for r in rows} >= {"acc_gap", "agreement"}

@@ -79,7 +79,7 @@ def linearity(runs, ts=(0.25, 0.5, 1.0), engine="jvp", bn_policy="frozen"):
                   "path": "theta0 + t (theta_ft - theta0): the run keeps only its last checkpoint"}
 
 
-_MAY_DIFFER = {"mode", "feature_cache", "augment"}
+_MAY_DIFFER = {"mode", "feature_cache", "augment", "snapshot_steps"}  # snapshots change no weight
 
 
 def _trained_pair(runs, bn_policy):

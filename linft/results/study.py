@@ -226,8 +226,8 @@ def measures(df: pd.DataFrame, fidelity_role: str = "train") -> pd.DataFrame:
     parts = [x.rename(q) for x, q in ((rel, "rel_err_l2"), (ker, "kernel_distance")) if len(x)]
     if not parts:
         return empty
-    m = pd.concat(parts, axis=1).reset_index().melt(id_vars="run", var_name="quantity", value_name="value")
-    return m.dropna(subset=["value"])
+    m = pd.concat(parts, axis=1).rename_axis("run").reset_index()
+    return m.melt(id_vars="run", var_name="quantity", value_name="value").dropna(subset=["value"])
 
 
 def values(df: pd.DataFrame, runs: pd.DataFrame, conv: pd.DataFrame, fidelity_role: str = "train") -> pd.DataFrame:
