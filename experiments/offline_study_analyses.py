@@ -21,17 +21,14 @@ import torch
 
 from linft.analysis.registry import analyze
 from linft.errors import LinftError
-from linft.runs.store import read_run_config
+from linft.results.collect import run_folders
+from linft.runs.store import read_run_config, run_state
 
 NTK = {"form": "full", "probe_size": 16}
 
 
 def finished(root: Path) -> list:
-    out = []
-    for folder in sorted(root.iterdir()):
-        if (folder / "done").exists() and (folder / "config.json").exists():
-            out.append((folder, read_run_config(folder)))
-    return out
+    return [(f, read_run_config(f)) for f in run_folders(root) if run_state(f) == "done"]
 
 
 def plan(runs: list, seeds: set, traj_seeds: set, traj_sizes: set) -> list:

@@ -26,7 +26,7 @@ from linft.runs.modes import get_mode
 from linft.training.pipeline import BuiltRun, build_run, finalize_trainable, probe_head
 from linft.core.params import differing
 from linft.errors import LinftError
-from linft.runs.store import load_checkpoint, read_run_config
+from linft.runs.store import load_checkpoint, read_run_config, run_snapshots
 
 BN_POLICIES = ("frozen",)
 Key = tuple[str, str]
@@ -105,8 +105,8 @@ def load_run(path: str | Path, weights: str = "trainable", device: str = "cpu", 
     cuda = [torch.cuda.current_device()] if torch.device(cfg.device if cfg.device != "auto" else "cpu").type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # rebuilding re-seeds the global RNG: leave the caller's alone
         built = build_run(cfg)
-        start = path / "snapshots" / "step_000000.pt"
-        if start.is_file() and not get_mode(cfg.mode).linearized:
+        start = run_snapshots(path).get(0)
+        if start is not None and not get_mode(cfg.mode).linearized:
             # the run's own theta0, saved by the trainer after the probe (what a replay reproduces)
             built.pipe.trainable.load_state_dict(load_checkpoint(start)["trainable"])
         elif cfg.head_init == "probe":

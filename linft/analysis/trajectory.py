@@ -39,17 +39,14 @@ from linft.core.linearize import linearize
 from linft.core.ntk import kernel_distance, trace_form
 from linft.core.params import weight_distance
 from linft.errors import LinftError
-from linft.runs.store import RunDir, load_checkpoint
+from linft.runs.store import load_checkpoint, run_snapshots
 
 Key = tuple[str, str]
 
 
 def snapshot_files(run: LoadedRun) -> dict[int, object]:
-    """Step -> snapshot file of ``run`` (:meth:`linft.runs.store.RunDir.snapshots`)."""
-    rd = RunDir(run.path.parent, run.cfg)
-    if rd.path != run.path:  # a folder renamed by hand: read its own snapshots/ anyway
-        rd.path, rd.snapshot_dir = run.path, run.path / "snapshots"
-    return rd.snapshots() if rd.snapshot_dir.is_dir() else {}
+    """Step -> snapshot file of ``run`` (:func:`linft.runs.store.run_snapshots` of its folder)."""
+    return run_snapshots(run.path)
 
 
 def trajectory_points(run: LoadedRun, steps: tuple[int, ...] = ()) -> list[tuple[int, dict[str, torch.Tensor]]]:

@@ -204,8 +204,12 @@ def measures(df: pd.DataFrame, fidelity_role: str = "train") -> pd.DataFrame:
     if "kind" not in df:
         return empty
 
-    def pick(kind: str, metric: str, **where) -> pd.Series:
-        part = df[(df["kind"] == kind) & (df["metric"] == metric)]
+    traj = df[df["kind"] == "trajectory"]
+    if len(traj) and {"step", "steps"} <= set(traj):  # the final weights' rows only
+        traj = traj[pd.to_numeric(traj["step"]) == pd.to_numeric(traj["steps"])]
+
+    def pick(frame: pd.DataFrame, metric: str, **where) -> pd.Series:
+        part = frame[frame["metric"] == metric]
         for col, value in where.items():
             if col not in part:
                 return pd.Series(dtype=float)
@@ -214,15 +218,9 @@ def measures(df: pd.DataFrame, fidelity_role: str = "train") -> pd.DataFrame:
         return part.groupby("run")["value"].mean()
 
     fid = dict(definition="posthoc", env="pooled", role=fidelity_role)
-    traj = df[df["kind"] == "trajectory"] if "step" in df else df.iloc[:0]
-    if len(traj) and "steps" in traj:
-        traj = traj[pd.to_numeric(traj["step"]) == pd.to_numeric(traj["steps"])]
-    last = df.drop(df[df["kind"] == "trajectory"].index) if len(df) else df
-    df_saved, df = df, pd.concat([last, traj])
-    rel = pick("trajectory", "rel_err_l2", **fid).combine_first(pick("linearity", "rel_err_l2", t=1.0, **fid))
-    ker = pick("trajectory", "kernel_distance", form="full").combine_first(
-        pick("ntk", "kernel_distance", form="full"))
-    df = df_saved
+    rel = pick(traj, "rel_err_l2", **fid).combine_first(pick(df[df["kind"] == "linearity"], "rel_err_l2", t=1.0, **fid))
+    ker = pick(traj, "kernel_distance", form="full").combine_first(
+        pick(df[df["kind"] == "ntk"], "kernel_distance", form="full"))
     parts = [x.rename(q) for x, q in ((rel, "rel_err_l2"), (ker, "kernel_distance")) if len(x)]
     if not parts:
         return empty

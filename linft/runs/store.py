@@ -266,6 +266,11 @@ def lock_holder(run_path: str | os.PathLike) -> str | None:
         os.close(fd)
 
 
+def run_snapshots(folder: str | os.PathLike) -> dict[int, Path]:
+    """Step -> snapshot file (``snapshots/step_<N>.pt``) of the run folder ``folder`` (any name)."""
+    return {int(f.stem.split("_")[1]): f for f in sorted((Path(folder) / "snapshots").glob("step_*.pt"))}
+
+
 class RunDir:
     """The folder of one run."""
 
@@ -288,7 +293,7 @@ class RunDir:
 
     def snapshots(self) -> dict[int, Path]:
         """Step -> snapshot file, for the snapshots this run has written."""
-        return {int(f.stem.split("_")[1]): f for f in sorted(self.snapshot_dir.glob("step_*.pt"))}
+        return run_snapshots(self.path)
 
     # -- state ---------------------------------------------------------------------------------
     @property
